@@ -1,0 +1,241 @@
+"""Typed, frozen job configuration.
+
+Every job is described by one frozen dataclass tree, checked at construction. YAML files in
+`configs/` map 1:1 onto these fields (unknown keys are errors), and command-line flags or
+`--set section.field=value` override them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+FORMATS = ("parquet", "safetensors")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+STORAGE_DTYPES = ("float16", "float32")
+RESAMPLE_FILTERS = ("lanczos", "bicubic", "bilinear", "box")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def _one_of(name: str, value: Any, allowed: tuple) -> None:
+    _check(value in allowed, f"{name}={value!r} is not allowed; expected one of {list(allowed)}")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How an image becomes the model's input.
+
+    resolution: side of the square centre crop, or with `buckets` the target area is resolution².
+    buckets: aspect-ratio buckets of about resolution² pixels, sides multiples of `bucket_step`.
+    flip: also encode the horizontally flipped image (stored beside the original latent).
+    max_image_pixels: decompression-bomb limit; larger images are recorded as errors.
+    """
+
+    resolution: int = 512
+    buckets: bool = False
+    bucket_step: int = 64
+    max_aspect_ratio: float = 4.0
+    flip: bool = False
+    resample: str = "lanczos"
+    max_image_pixels: int = 89_478_485
+
+    def __post_init__(self) -> None:
+        _check(self.bucket_step > 0 and self.bucket_step % 8 == 0,
+               f"preprocess.bucket_step={self.bucket_step} must be a positive multiple of 8")
+        _check(self.resolution >= self.bucket_step and self.resolution % 8 == 0,
+               f"preprocess.resolution={self.resolution} must be a multiple of 8 and "
+               f">= bucket_step ({self.bucket_step})")
+        _check(self.max_aspect_ratio >= 1.0,
+               f"preprocess.max_aspect_ratio={self.max_aspect_ratio} must be >= 1")
+        _one_of("preprocess.resample", self.resample, RESAMPLE_FILTERS)
+        _check(self.max_image_pixels > 0,
+               f"preprocess.max_image_pixels={self.max_image_pixels} must be positive")
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Which VAE, and how to run it.
+
+    source: a local path, an fsspec URL, a diffusers folder, a Hugging Face repo id, or
+      `random:PRESET` (random weights, for tests and demos only).
+    dtype: compute precision; `auto` is bfloat16 on CUDA and float32 on CPU.
+    """
+
+    source: str = "random:tiny"
+    preset: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    compile: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(bool(self.source), "vae.source must name the VAE weights (path, URL, repo id or random:PRESET)")
+        _one_of("vae.dtype", self.dtype, COMPUTE_DTYPES)
+        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+               f"vae.device={self.device!r} is not allowed; expected auto, cpu, cuda or cuda:N")
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    """When a failed shard is tried again, and when the job gives up."""
+
+    max_attempts: int = 3
+    backoff_s: float = 2.0
+    backoff_max_s: float = 60.0
+    shard_timeout_s: float = 3600.0
+
+    def __post_init__(self) -> None:
+        _check(self.max_attempts >= 1, f"retry.max_attempts={self.max_attempts} must be >= 1")
+        _check(self.backoff_s >= 0 and self.backoff_max_s >= self.backoff_s,
+               f"retry.backoff_s={self.backoff_s} and backoff_max_s={self.backoff_max_s} "
+               "must satisfy 0 <= backoff_s <= backoff_max_s")
+        _check(self.shard_timeout_s > 0, f"retry.shard_timeout_s={self.shard_timeout_s} must be positive")
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    """The encode job: image shards in, latent shards out."""
+
+    input: tuple[str, ...] = ()
+    output: str = ""
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    format: str = "parquet"
+    latent_dtype: str = "float16"
+    batch_size: int = 8
+    actors: int | None = None
+    decode_threads: int = 4
+    max_error_rate: float = 0.05
+    min_samples_for_error_rate: int = 100
+    overwrite: bool = False
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.input, str):
+            object.__setattr__(self, "input", (self.input,))
+        else:
+            object.__setattr__(self, "input", tuple(self.input))
+        _check(len(self.input) > 0, "input must name at least one shard URL, glob or folder")
+        _check(bool(self.output), "output must name the folder (local path or URL) for latent shards")
+        _one_of("format", self.format, FORMATS)
+        _one_of("latent_dtype", self.latent_dtype, STORAGE_DTYPES)
+        _check(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
+        _check(self.actors is None or self.actors >= 1, f"actors={self.actors} must be >= 1 (or unset)")
+        _check(self.decode_threads >= 1, f"decode_threads={self.decode_threads} must be >= 1")
+        _check(0.0 <= self.max_error_rate <= 1.0, f"max_error_rate={self.max_error_rate} must be in [0, 1]")
+        object.__setattr__(self, "storage_options", dict(self.storage_options))
+
+
+# --- YAML and overrides -------------------------------------------------------------------------
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(name: str, tp: Any, value: Any) -> Any:
+    """Convert a YAML/CLI value to the field's declared type, or raise naming the field."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if _is_dataclass_type(tp):
+        if isinstance(value, tp):
+            return value
+        _check(isinstance(value, Mapping), f"{name} must be a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=f"{name}.")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(name, inner[0], value)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        _check(isinstance(value, (list, tuple)), f"{name} must be a list, got {value!r}")
+        return tuple(_coerce(name, args[0], v) for v in value)
+    if origin in (Mapping, dict) or tp in (dict, Mapping):
+        _check(isinstance(value, Mapping), f"{name} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        _check(isinstance(value, bool), f"{name} must be true or false, got {value!r}")
+        return value
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        try:
+            converted = tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} must be {tp.__name__}, got {value!r}") from None
+        _check(tp is float or float(value) == converted, f"{name} must be an integer, got {value!r}")
+        return converted
+    if tp is str:
+        _check(isinstance(value, (str, int, float)) and not isinstance(value, bool),
+               f"{name} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls: type, data: Mapping[str, Any], *, prefix: str = "") -> Any:
+    """Build the dataclass `cls` from a mapping whose keys are its field names (nested for sections)."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {[prefix + k for k in unknown]}; "
+                          f"expected some of {sorted(prefix + k for k in known)}")
+    kwargs = {k: _coerce(prefix + k, hints[k], v) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The plain-data form of a config (YAML- and JSON-serialisable)."""
+    out = dataclasses.asdict(cfg)
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(out)
+
+
+def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Set dotted keys (`preprocess.resolution`) in a nested dict; values given as YAML scalars."""
+    result = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()}
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        node = result
+        for part in parts[:-1]:
+            child = node.get(part)
+            child = dict(child) if isinstance(child, Mapping) else {}
+            node[part] = child
+            node = child
+        node[parts[-1]] = yaml.safe_load(value) if isinstance(value, str) else value
+    return result
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a dict (validated later by `from_dict`)."""
+    text = Path(path).read_text()
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data

@@ -1,0 +1,238 @@
+"""Finding, reading and mapping VAE weights; strict loading; the weights fingerprint.
+
+Sources: a `.safetensors`/`.ckpt`/`.pt`/`.pth`/`.bin` file (local path or any fsspec URL), a
+diffusers model folder (`config.json` + weights, or a pipeline folder with `vae/`), or a Hugging
+Face repo id (`org/name`, optionally `org/name/subfolder`) through huggingface_hub's cache.
+
+Key layouts: the original CompVis one (also inside a full SD checkpoint under `first_stage_model.`)
+is the model's own; the diffusers one (old and new attention names, linear- or conv-shaped
+attention weights) is mapped onto it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import fsspec
+import torch
+from torch import nn
+
+WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+_DIFFUSERS_WEIGHT_FILES = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.fp16.safetensors",
+    "diffusion_pytorch_model.bin",
+)
+_FULL_CHECKPOINT_PREFIXES = ("first_stage_model.", "vae.")
+
+
+class WeightsError(ValueError):
+    """Weights that cannot be found, read, or matched to the architecture."""
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """Where the weights are: one weights file, and the diffusers config beside it if any."""
+
+    weights_url: str
+    config: Mapping[str, Any] | None
+
+
+# --- finding ------------------------------------------------------------------------------------
+
+
+def _looks_like_repo_id(source: str) -> bool:
+    return "://" not in source and not os.path.exists(source) and bool(
+        re.fullmatch(r"[\w.-]+/[\w.-]+(/[\w./-]+)?", source)) and not source.startswith((".", "/"))
+
+
+def _resolve_folder(fs: fsspec.AbstractFileSystem, folder: str, protocol_prefix: str) -> ResolvedSource:
+    for candidate in (folder, f"{folder.rstrip('/')}/vae"):
+        config_path = f"{candidate.rstrip('/')}/config.json"
+        if not fs.exists(config_path):
+            continue
+        for name in _DIFFUSERS_WEIGHT_FILES:
+            weights = f"{candidate.rstrip('/')}/{name}"
+            if fs.exists(weights):
+                with fs.open(config_path, "r") as f:
+                    config = json.load(f)
+                return ResolvedSource(protocol_prefix + weights, config)
+        raise WeightsError(f"diffusers folder {protocol_prefix + candidate} has config.json but none of "
+                           f"{list(_DIFFUSERS_WEIGHT_FILES)}")
+    raise WeightsError(f"folder {protocol_prefix + folder} is not a diffusers VAE folder: expected "
+                       f"config.json and {_DIFFUSERS_WEIGHT_FILES[0]} in it or in its vae/ subfolder")
+
+
+def _resolve_hub(repo: str) -> ResolvedSource:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    parts = repo.split("/")
+    repo_id, subfolder = "/".join(parts[:2]), "/".join(parts[2:])
+    prefix = f"{subfolder}/" if subfolder else ""
+    patterns = [f"{prefix}config.json", f"{prefix}diffusion_pytorch_model.safetensors",
+                f"vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    try:
+        path = snapshot_download(repo_id, allow_patterns=patterns, local_files_only=offline)
+    except LocalEntryNotFoundError as e:
+        raise WeightsError(
+            f"Hugging Face repo {repo_id!r} is not in the local cache and the hub cannot be reached "
+            f"(offline); missing {patterns[:2]}. Download it once where there is network "
+            "(`huggingface-cli download ...`) or pass a local path") from e
+    except Exception as e:  # the hub client raises many types; all mean "not available"
+        raise WeightsError(f"could not fetch Hugging Face repo {repo_id!r}: {type(e).__name__}: {e}") from e
+    folder = os.path.join(path, subfolder) if subfolder else path
+    return _resolve_folder(fsspec.filesystem("file"), folder, "")
+
+
+def resolve_source(source: str, storage_options: Mapping[str, Any] | None = None) -> ResolvedSource:
+    """Find the weights file (and config) that `source` names."""
+    if _looks_like_repo_id(source):
+        return _resolve_hub(source)
+    fs, path = fsspec.core.url_to_fs(source, **(storage_options or {}))
+    prefix = "" if "://" not in source else source.split("://")[0] + "://"
+    if not fs.exists(path):
+        raise WeightsError(f"VAE weights not found at {source!r}: expected a weights file "
+                           f"{list(WEIGHT_SUFFIXES)}, a diffusers folder, or a Hugging Face repo id")
+    if fs.isdir(path):
+        return _resolve_folder(fs, path, prefix)
+    if not path.endswith(WEIGHT_SUFFIXES):
+        raise WeightsError(f"{source!r} has an unknown weights suffix; expected one of {list(WEIGHT_SUFFIXES)}")
+    return ResolvedSource(source, None)
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+
+def read_state_dict(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """Read a weights file into a flat dict of tensors on the CPU (no pickle code execution)."""
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    with fs.open(path, "rb") as f:
+        data = f.read()
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load as load_safetensors
+
+            state = load_safetensors(data)
+        else:
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt files raise library-specific types; name the file either way
+        raise WeightsError(f"cannot read weights {url!r}: {type(e).__name__}: {e}") from e
+    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping):
+        raise WeightsError(f"{url!r} holds a {type(state).__name__}, expected a dict of tensors")
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+# --- mapping ------------------------------------------------------------------------------------
+
+_DIFFUSERS_ATTN = {
+    "group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
+    "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out",
+}
+
+
+def is_diffusers_layout(state: Mapping[str, torch.Tensor]) -> bool:
+    return any(".down_blocks." in k or ".mid_block." in k or ".up_blocks." in k for k in state)
+
+
+def strip_checkpoint_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keep only the VAE of a full Stable Diffusion checkpoint, without its prefix."""
+    for prefix in _FULL_CHECKPOINT_PREFIXES:
+        if any(k.startswith(prefix) for k in state):
+            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return dict(state)
+
+
+def _diffusers_key_to_compvis(key: str, num_levels: int) -> str:
+    k = key
+    for side in ("encoder", "decoder"):
+        k = re.sub(rf"^{side}\.mid_block\.resnets\.0\.", f"{side}.mid.block_1.", k)
+        k = re.sub(rf"^{side}\.mid_block\.resnets\.1\.", f"{side}.mid.block_2.", k)
+        m = re.match(rf"^{side}\.mid_block\.attentions\.0\.(.+)$", k)
+        if m:
+            rest = m.group(1)
+            for old, new in _DIFFUSERS_ATTN.items():
+                if rest.startswith(old + "."):
+                    rest = new + rest[len(old):]
+                    break
+            k = f"{side}.mid.attn_1.{rest}"
+        k = re.sub(rf"^{side}\.conv_norm_out\.", f"{side}.norm_out.", k)
+    k = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.down.\1.block.\2.", k)
+    k = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", k)
+
+    def up(m: re.Match) -> str:
+        return f"decoder.up.{num_levels - 1 - int(m.group(1))}.{m.group(2)}"
+
+    k = re.sub(r"^decoder\.up_blocks\.(\d+)\.(resnets\.\d+\.|upsamplers\.0\.)", up, k)
+    k = re.sub(r"(decoder\.up\.\d+\.)resnets\.(\d+)\.", r"\1block.\2.", k)
+    k = re.sub(r"(decoder\.up\.\d+\.)upsamplers\.0\.", r"\1upsample.", k)
+    k = k.replace(".conv_shortcut.", ".nin_shortcut.")
+    return k
+
+
+def to_model_layout(state: Mapping[str, torch.Tensor], num_levels: int) -> dict[str, torch.Tensor]:
+    """Any supported layout -> this package's (CompVis names, linear attention weights)."""
+    state = strip_checkpoint_prefix(state)
+    if is_diffusers_layout(state):
+        state = {_diffusers_key_to_compvis(k, num_levels): v for k, v in state.items()}
+    out = {}
+    for k, v in state.items():
+        # Original checkpoints store attention projections as 1x1 convolutions.
+        if re.search(r"\.attn_1\.(q|k|v|proj_out)\.weight$", k) and v.ndim == 4:
+            v = v[:, :, 0, 0]
+        out[k] = v
+    return out
+
+
+def to_compvis_layout(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This package's layout -> the original CompVis one (conv-shaped attention weights)."""
+    return {
+        k: (v[:, :, None, None] if re.search(r"\.attn_1\.(q|k|v|proj_out)\.weight$", k) and v.ndim == 2 else v)
+        for k, v in state.items()
+    }
+
+
+def _summarise(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"{shown} (+{len(keys) - limit} more)" if len(keys) > limit else shown
+
+
+def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str) -> None:
+    """Load `state` (already in model layout) strictly: every key present, none extra, shapes equal."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = sorted(
+        f"{k}: expected {tuple(expected[k].shape)}, got {tuple(state[k].shape)}"
+        for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape)
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_summarise(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_summarise(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches: {_summarise(mismatched)}")
+    if problems:
+        raise WeightsError(f"weights {source!r} do not match the architecture; " + "; ".join(problems))
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A stable hash of the weights: same tensors in any layout or file dtype-upcast -> same value."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu", torch.float32).contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
