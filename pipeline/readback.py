@@ -1,0 +1,178 @@
+"""Reading latent shards back: one shard file, or every committed shard of an output folder.
+
+`read_latents` yields `(key, latent, meta)` per sample, where `latent` is the scaled posterior mean
+as stored, shaped (C, h, w), in the storage dtype (float16 or float32; cast as needed), and `meta`
+holds:
+
+    shard             the shard name
+    original_size     (h, w) of the source image
+    crop_top_left     (top, left)
+    target_size       (h, w) of the image fed to the VAE
+    latent_flip       (C, h, w) latent of the flipped image, or None
+    extras            passthrough members by extension: str for text-like ones, bytes otherwise
+    shard_metadata    the shard's metadata dict (VAE fingerprint, preset, scaling, ...)
+    logvar, logvar_flip   only with `with_logvar=True`
+
+For a folder with a job manifest, only committed shards are read (see pipeline.ledger), in name
+order. A folder without a manifest (e.g. shards copied elsewhere) yields every `*.parquet` and
+`*.safetensors` file not starting with `_`; files under final names are whole by construction.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import posixpath
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import safetensors.numpy
+from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
+
+from pipeline.ledger import MANIFEST, Ledger
+from pipeline.writers import METADATA_KEY, RESERVED_COLUMNS, WRITERS, is_text_extension, join, output_fs
+
+logger = logging.getLogger(__name__)
+
+_EXTENSIONS = {cls.extension: fmt for fmt, cls in WRITERS.items()}
+_BATCH_ROWS = 64
+
+
+def _format_of(path: str) -> str | None:
+    return _EXTENSIONS.get(path.rsplit(".", 1)[-1]) if "." in posixpath.basename(path) else None
+
+
+def _shard_metadata(raw: str | bytes | None, where: str) -> dict[str, str]:
+    if raw is None:
+        raise ValueError(f"{where} is not a latentcache shard: no {METADATA_KEY!r} metadata")
+    data = json.loads(raw)
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: {METADATA_KEY!r} metadata is {type(data).__name__}; expected a JSON object")
+    return data
+
+
+def _safetensors_header(fs: AbstractFileSystem, path: str) -> dict[str, Any]:
+    """The JSON header of a safetensors file (8-byte little-endian length, then JSON), via two reads."""
+    with fs.open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if not 0 < size <= 100 * 2**20:
+            raise ValueError(f"{fs.unstrip_protocol(path)}: safetensors header length {size} is out of range")
+        return json.loads(f.read(size))
+
+
+def read_shard_metadata(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """The shard-level metadata of one shard file (the writer's `metadata` plus its own keys)."""
+    fs, path = output_fs(url, storage_options)
+    where = fs.unstrip_protocol(path)
+    fmt = _format_of(path)
+    if fmt == "parquet":
+        with fs.open(path, "rb") as f:
+            meta = pq.read_schema(f).metadata or {}
+        return _shard_metadata(meta.get(METADATA_KEY.encode()), where)
+    if fmt == "safetensors":
+        return _shard_metadata(_safetensors_header(fs, path).get("__metadata__", {}).get(METADATA_KEY), where)
+    raise ValueError(f"{where}: unknown shard file type; expected a name ending in {sorted(_EXTENSIONS)}")
+
+
+def _lists(column: pa.Array, shapes: list[list[int]]) -> list[np.ndarray | None]:
+    """A list<float> column -> one (C, h, w) array (copied) or None per row."""
+    values = column.values.to_numpy(zero_copy_only=False)
+    offsets = column.offsets.to_numpy()
+    nulls = column.is_null().to_numpy(zero_copy_only=False)
+    return [None if nulls[i] else values[offsets[i]:offsets[i + 1]].reshape(shapes[i]).copy()
+            for i in range(len(column))]
+
+
+def _read_parquet(fs: AbstractFileSystem, path: str, name: str, with_logvar: bool) -> Iterator[tuple[str, np.ndarray, dict]]:
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        schema = pf.schema_arrow
+        shard_meta = _shard_metadata((schema.metadata or {}).get(METADATA_KEY.encode()), fs.unstrip_protocol(path))
+        extras = [n for n in schema.names if n not in RESERVED_COLUMNS]
+        skip = set() if with_logvar else {"logvar", "logvar_flip"}
+        columns = [n for n in schema.names if n not in skip]
+        for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=columns):
+            shapes = batch.column("latent_shape").to_pylist()
+            arrays = {n: _lists(batch.column(n), shapes) for n in ("latent", "logvar", "latent_flip", "logvar_flip")
+                      if n not in skip}
+            ints = {n: batch.column(n).to_pylist() for n in ("original_height", "original_width", "crop_top",
+                                                             "crop_left", "target_height", "target_width")}
+            extra_values = {e: batch.column(e).to_pylist() for e in extras}
+            for i, key in enumerate(batch.column("key").to_pylist()):
+                meta: dict[str, Any] = {
+                    "shard": name,
+                    "original_size": (ints["original_height"][i], ints["original_width"][i]),
+                    "crop_top_left": (ints["crop_top"][i], ints["crop_left"][i]),
+                    "target_size": (ints["target_height"][i], ints["target_width"][i]),
+                    "latent_flip": arrays["latent_flip"][i],
+                    "extras": {e: v[i] for e, v in extra_values.items() if v[i] is not None},
+                    "shard_metadata": shard_meta,
+                }
+                if with_logvar:
+                    meta["logvar"], meta["logvar_flip"] = arrays["logvar"][i], arrays["logvar_flip"][i]
+                yield key, arrays["latent"][i], meta
+
+
+def _read_safetensors(fs: AbstractFileSystem, path: str, name: str, with_logvar: bool) -> Iterator[tuple[str, np.ndarray, dict]]:
+    where = fs.unstrip_protocol(path)
+    if isinstance(fs, LocalFileSystem):  # memory-mapped, tensors loaded one at a time
+        handle = safetensors.safe_open(path, framework="numpy")
+        header_meta = handle.metadata() or {}
+        get = handle.get_tensor
+    else:
+        raw = fs.cat_file(path)
+        size = int.from_bytes(raw[:8], "little")
+        header_meta = json.loads(raw[8:8 + size]).get("__metadata__", {})
+        get = safetensors.numpy.load(raw).__getitem__
+    shard_meta = _shard_metadata(header_meta.get(METADATA_KEY), where)
+    if "samples" not in header_meta:
+        raise ValueError(f"{where}: no 'samples' metadata; expected the per-sample JSON list")
+    for s in json.loads(header_meta["samples"]):
+        suffix = f"{s['index']:06d}"
+        meta: dict[str, Any] = {
+            "shard": name,
+            "original_size": tuple(s["original_size"]),
+            "crop_top_left": tuple(s["crop_top_left"]),
+            "target_size": tuple(s["target_size"]),
+            "latent_flip": get(f"latent_flip.{suffix}") if s["flip"] else None,
+            "extras": {e: (v if is_text_extension(e) else base64.b64decode(v)) for e, v in s["extras"].items()},
+            "shard_metadata": shard_meta,
+        }
+        if with_logvar:
+            meta["logvar"] = get(f"logvar.{suffix}")
+            meta["logvar_flip"] = get(f"logvar_flip.{suffix}") if s["flip"] else None
+        yield s["key"], get(f"latent.{suffix}"), meta
+
+
+def _shard_files(fs: AbstractFileSystem, root: str, url: str, storage_options: Mapping[str, Any] | None) -> list[str]:
+    """The data files of a folder: committed shards when it has a manifest, else every data file."""
+    fs.invalidate_cache(join(root, MANIFEST))
+    if fs.exists(join(root, MANIFEST)):
+        return [join(root, r.data_file) for r in Ledger(url, storage_options).job_records()]
+    fs.invalidate_cache(root)
+    try:
+        entries = fs.ls(root, detail=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no latent shards at {url}: the folder does not exist") from None
+    files = sorted(e["name"] for e in entries if e["type"] == "file"
+                   and not posixpath.basename(e["name"]).startswith("_") and _format_of(e["name"]))
+    logger.info("%s has no %s; reading all %d data files", url, MANIFEST, len(files))
+    return files
+
+
+def read_latents(url: str, storage_options: Mapping[str, Any] | None = None, *,
+                 with_logvar: bool = False) -> Iterator[tuple[str, np.ndarray, dict]]:
+    """Yield (key, latent (C, h, w), meta) for one shard file or every committed shard of a folder."""
+    fs, path = output_fs(url, storage_options)
+    files = [path] if _format_of(path) else _shard_files(fs, path, url, storage_options)
+    for file in files:
+        name, _, ext = posixpath.basename(file).rpartition(".")
+        reader = _read_parquet if _EXTENSIONS[ext] == "parquet" else _read_safetensors
+        yield from reader(fs, file, name, with_logvar)
+
+
+__all__ = ["read_latents", "read_shard_metadata"]

@@ -1,0 +1,58 @@
+"""Config: frozen, checked at construction, YAML and flags map onto it, errors name the field."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import build_parser, encode_config_from_args
+from pipeline.config import ConfigError, EncodeConfig, PreprocessConfig, from_dict, load_yaml, to_dict
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_frozen_and_checked():
+    cfg = EncodeConfig(input="a.tar", output="out")
+    assert cfg.input == ("a.tar",)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.batch_size = 3  # type: ignore[misc]
+    with pytest.raises(ConfigError, match=r"format='tfrecord' is not allowed; expected one of \['parquet', 'safetensors'\]"):
+        EncodeConfig(input="a.tar", output="out", format="tfrecord")
+    with pytest.raises(ConfigError, match="resolution=500 must be a multiple of 8"):
+        PreprocessConfig(resolution=500)
+    with pytest.raises(ConfigError, match="input must name at least one"):
+        EncodeConfig(input=(), output="out")
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_yaml_configs_load(path):
+    data = load_yaml(path)
+    cfg = from_dict(EncodeConfig, {"input": ["x.tar"], "output": "o", **data})
+    assert cfg.vae.source == data["vae"]["source"]
+    assert to_dict(cfg)["preprocess"]["resolution"] == data.get("preprocess", {}).get("resolution", 512)
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['preprocess.resolutoin'\]"):
+        from_dict(EncodeConfig, {"input": ["a"], "output": "o", "preprocess": {"resolutoin": 512}})
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ConfigError, match="batch_size must be int, got 'many'"):
+        from_dict(EncodeConfig, {"input": ["a"], "output": "o", "batch_size": "many"})
+
+
+def test_flags_override_yaml_and_set_overrides_flags(tmp_path):
+    yaml_path = tmp_path / "job.yaml"
+    yaml_path.write_text("vae: {source: random:tiny, preset: tiny}\nbatch_size: 2\npreprocess: {resolution: 256}\n")
+    args = build_parser().parse_args([
+        "encode", "--config", str(yaml_path), "--input", "s3://b/a.tar", "s3://b/b.tar", "--output", "out",
+        "--batch-size", "8", "--buckets", "--set", "preprocess.resolution=1024", "--set", "retry.max_attempts=5",
+    ])
+    cfg = encode_config_from_args(args)
+    assert cfg.input == ("s3://b/a.tar", "s3://b/b.tar")
+    assert cfg.batch_size == 8 and cfg.preprocess.buckets is True
+    assert cfg.preprocess.resolution == 1024 and cfg.retry.max_attempts == 5
+    assert cfg.vae.source == "random:tiny" and cfg.format == "parquet"

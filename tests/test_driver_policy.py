@@ -1,0 +1,71 @@
+"""The driver's pure policy: planning, retries with backoff, giving up, the error-rate stop."""
+
+from __future__ import annotations
+
+from pipeline.config import RetryConfig
+from pipeline.driver import Scheduler, backoff_delay, plan
+from pipeline.worker import ShardResult
+
+
+def _result(name: str, read: int = 10, errored: int = 0, attempt: int = 1) -> ShardResult:
+    return ShardResult(name=name, samples_read=read, samples_written=read - errored, samples_errored=errored,
+                       bytes=100, seconds=1.0, fp32_fallbacks=0, attempt=attempt)
+
+
+def test_plan_skips_committed_shards_only():
+    shards = {"a": "s3://x/a.tar", "b": "s3://x/b.tar", "c": "s3://x/c.tar"}
+    assert plan(shards, {"b"}) == {"a": "s3://x/a.tar", "c": "s3://x/c.tar"}
+    assert plan(shards, {"a", "b", "c"}) == {}
+
+
+def test_backoff_grows_and_is_capped():
+    retry = RetryConfig(max_attempts=10, backoff_s=2.0, backoff_max_s=10.0)
+    assert [backoff_delay(a, retry) for a in (1, 2, 3, 4, 5)] == [2.0, 4.0, 8.0, 10.0, 10.0]
+
+
+def test_failed_shard_is_retried_after_backoff_then_given_up():
+    sched = Scheduler({"a": "u/a.tar"}, RetryConfig(max_attempts=2, backoff_s=5.0, backoff_max_s=60.0))
+    t = sched.next_task(now=0.0)
+    assert (t.name, t.attempt) == ("a", 1)
+    assert sched.next_task(now=0.0) is None  # running, not queued twice
+    assert sched.failed_attempt("a", "S3 flaked", now=1.0) == 6.0
+    assert sched.next_task(now=5.9) is None  # still backing off
+    assert sched.next_ready_at() == 6.0
+    t2 = sched.next_task(now=6.0)
+    assert (t2.name, t2.attempt) == ("a", 2)
+    assert sched.failed_attempt("a", "S3 flaked again", now=7.0) is None
+    assert sched.finished and "failed 2 time(s)" in sched.failed["a"] and "flaked again" in sched.failed["a"]
+
+
+def test_other_shards_run_while_one_backs_off():
+    sched = Scheduler({"a": "u/a", "b": "u/b"}, RetryConfig(max_attempts=3, backoff_s=10.0, backoff_max_s=10.0))
+    a = sched.next_task(0.0)
+    sched.failed_attempt(a.name, "boom", 0.0)
+    b = sched.next_task(1.0)
+    assert b.name == "b"
+    sched.succeeded(_result("b"))
+    assert not sched.finished
+    again = sched.next_task(10.0)
+    assert (again.name, again.attempt) == ("a", 2)
+    sched.succeeded(_result("a", attempt=2))
+    assert sched.finished and set(sched.done) == {"a", "b"} and not sched.failed
+
+
+def test_error_rate_stop_waits_for_enough_samples():
+    sched = Scheduler({n: n for n in "abc"}, RetryConfig(), max_error_rate=0.1, min_samples_for_error_rate=25)
+    for name in "ab":
+        sched.next_task(0.0)
+        sched.succeeded(_result(name, read=10, errored=3))
+    assert sched.error_rate_exceeded() is None  # 20 samples < 25: too early to judge
+    sched.next_task(0.0)
+    sched.succeeded(_result("c", read=10, errored=0))
+    message = sched.error_rate_exceeded()
+    assert message is not None and "6 of 30 samples failed (20.0%)" in message
+
+
+def test_error_rate_within_threshold_is_fine():
+    sched = Scheduler({"a": "a"}, RetryConfig(), max_error_rate=0.5, min_samples_for_error_rate=1)
+    sched.next_task(0.0)
+    sched.succeeded(_result("a", read=10, errored=5))
+    assert sched.error_rate_exceeded() is None
+    assert sched.totals() == (10, 5, 5)
