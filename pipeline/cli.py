@@ -115,12 +115,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from vae import WeightsError
+
     from .config import ConfigError
     from .driver import JobError
+    from .ledger import LedgerError
+    from .shards import DuplicateShardNameError, ShardListingError
 
     try:
         return args.func(args)
-    except (ConfigError, JobError) as e:
+    except (ConfigError, JobError, LedgerError, ShardListingError, DuplicateShardNameError, WeightsError) as e:
+        # Errors about the user's inputs: the message names the thing; a traceback adds nothing.
         print(f"latentcache: error: {e}", file=sys.stderr)
         return 1
 

@@ -70,6 +70,10 @@ class Scheduler:
         """When the earliest queued shard becomes ready (None if the queue is empty)."""
         return min((self._not_before.get(t.name, 0.0) for t in self._queue), default=None)
 
+    def requeue(self, name: str) -> None:
+        """Put a running shard back at the front of the queue without charging it an attempt."""
+        self._queue.insert(0, self.running.pop(name))
+
     def succeeded(self, result: ShardResult) -> None:
         self.running.pop(result.name)
         self.done[result.name] = result
@@ -178,7 +182,7 @@ def run_encode(cfg: EncodeConfig, *, ray_address: str | None = None, progress: b
                on_result: Callable[[ShardResult], None] | None = None) -> JobSummary:
     """Run (or resume) the encode job `cfg` on Ray; returns the summary or raises JobError."""
     import ray
-    from ray.exceptions import RayActorError, RayTaskError
+    from ray.exceptions import RayError
 
     t0 = time.monotonic()
     urls = expand_inputs(cfg.input, cfg.storage_options)
@@ -215,7 +219,8 @@ def run_encode(cfg: EncodeConfig, *, ray_address: str | None = None, progress: b
         bar = _Progress(len(shards), len(committed), progress)
         inflight: dict[Any, tuple[str, Any, float]] = {}  # ref -> (shard name, actor, submitted at)
         load = {id(a): 0 for a in actors}
-        killed: set[int] = set()  # actors killed for a timeout, until their in-flight tasks return
+        killed_at: dict[int, float] = {}  # actor -> when it was last killed for a timeout
+        collateral: set[Any] = set()  # refs that died only because their actor was killed
         try:
             while not sched.finished:
                 now = time.monotonic()
@@ -236,24 +241,28 @@ def run_encode(cfg: EncodeConfig, *, ray_address: str | None = None, progress: b
                 for ref in ready:
                     name, actor, _ = inflight.pop(ref)
                     load[id(actor)] -= 1
-                    if load[id(actor)] == 0:
-                        killed.discard(id(actor))
                     try:
                         result: ShardResult = ray.get(ref)
-                    except (RayTaskError, RayActorError) as e:
+                    except RayError as e:  # task error, actor/worker/node death, lost objects
+                        if ref in collateral:
+                            collateral.discard(ref)
+                            sched.requeue(name)  # not its fault: another shard's timeout killed the actor
+                            continue
                         at = sched.failed_attempt(name, f"{type(e).__name__}: {e}".splitlines()[0][:500], now)
                         log.warning("shard %s failed (%s); %s", name, str(e).splitlines()[0][:200],
                                     "retrying" if at is not None else "giving up")
                         continue
+                    collateral.discard(ref)
                     sched.succeeded(result)
                     bar.update(sched)
                     if on_result is not None:
                         on_result(result)
                 for ref, (name, actor, submitted) in list(inflight.items()):
-                    if now - submitted > cfg.retry.shard_timeout_s and id(actor) not in killed:
-                        killed.add(id(actor))
+                    if now - submitted > cfg.retry.shard_timeout_s and submitted > killed_at.get(id(actor), -1.0):
                         # A hung read or kernel: kill the actor (Ray restarts it) and retry the shard.
                         log.warning("shard %s timed out after %.0f s; restarting its actor", name, now - submitted)
+                        killed_at[id(actor)] = now
+                        collateral.update(r for r, (_, a, _) in inflight.items() if a is actor and r is not ref)
                         ray.kill(actor, no_restart=False)
                 message = sched.error_rate_exceeded()
                 if message:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
+from PIL import Image
 
 from vae import NonFiniteError, VAECodec, load_vae
 
@@ -88,8 +89,11 @@ def job_metadata(cfg: EncodeConfig, codec: VAECodec) -> dict[str, str]:
 
 
 def codec_identity(cfg: EncodeConfig, codec: VAECodec) -> dict[str, Any]:
-    return job_identity(cfg, fingerprint=codec.fingerprint, preset=codec.preset.name,
-                        scaling_factor=codec.scaling_factor, shift_factor=codec.shift_factor)
+    """What an output folder must agree on to be resumed; the compute dtype too, so a resumed job
+    never mixes bfloat16 and float32 latents in one cache."""
+    identity = job_identity(cfg, fingerprint=codec.fingerprint, preset=codec.preset.name,
+                            scaling_factor=codec.scaling_factor, shift_factor=codec.shift_factor)
+    return {**identity, "compute_dtype": str(codec.dtype).removeprefix("torch.")}
 
 
 def _prepare_one(sample: RawSample, cfg: EncodeConfig) -> PreparedSample | SampleError:
@@ -131,21 +135,22 @@ class ShardEncoder:
         self._pool = ThreadPoolExecutor(max_workers=cfg.decode_threads, thread_name_prefix="decode")
         self._model_lock = threading.Lock()
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-    def _encode(self, pixels: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def _encode(self, pixels: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, int]:
+        """Scaled latents, log-variances, and how many samples needed the float32 fallback."""
         x = to_model_input(pixels)
-        with self._model_lock:
+        with self._model_lock:  # also makes the stats difference this call's own
+            before = self.codec.stats.fp32_fallbacks
             mean, logvar = self.codec.encode(x)
+            fallbacks = self.codec.stats.fp32_fallbacks - before
             latent = self.codec.scale(mean)
-        return latent.cpu().numpy(), logvar.cpu().numpy()
+        return latent.cpu().numpy(), logvar.cpu().numpy(), fallbacks
 
     def _encode_batch(self, batch: list[PreparedSample], url: str, writer: ShardWriter,
-                      errors: list[SampleError]) -> None:
+                      errors: list[SampleError]) -> int:
+        """Encode and add one batch; returns the number of float32 fallbacks it needed."""
         pixels = [s.pixels for s in batch]
         try:
-            latent, logvar = self._encode(pixels)
+            latent, logvar, fallbacks = self._encode(pixels)
             flipped = self._encode([hflip(p) for p in pixels]) if self.cfg.preprocess.flip else None
         except NonFiniteError as e:
             # Rare: non-finite even in float32. Record those samples and encode the rest alone.
@@ -153,9 +158,7 @@ class ShardEncoder:
             for i in sorted(bad):
                 errors.append(SampleError(batch[i].key, url, "encode", str(e)))
             rest = [s for i, s in enumerate(batch) if i not in bad]
-            if rest:
-                self._encode_batch(rest, url, writer, errors)
-            return
+            return self._encode_batch(rest, url, writer, errors) if rest else 0
         for i, s in enumerate(batch):
             record = LatentRecord(
                 key=s.key, latent=latent[i], logvar=logvar[i], original_size=s.original_size,
@@ -166,12 +169,13 @@ class ShardEncoder:
                 writer.add(record)
             except InvalidRecordError as e:
                 errors.append(SampleError(s.key, url, "write", str(e)))
+        return fallbacks + (flipped[2] if flipped is not None else 0)
 
     def process(self, task: ShardTask) -> ShardResult:
         """Encode and commit one shard. Raises on shard-level failure (nothing is committed then)."""
         start = time.perf_counter()
-        fallbacks_before = self.codec.stats.fp32_fallbacks
         cfg = self.cfg
+        fallbacks = 0
         errors: list[SampleError] = []
         read = 0
         buckets: dict[tuple[int, int], list[PreparedSample]] = {}
@@ -193,11 +197,11 @@ class ShardEncoder:
                 batch = buckets.setdefault(item.target_size, [])
                 batch.append(item)
                 if len(batch) >= cfg.batch_size:
-                    self._encode_batch(batch, task.url, writer, errors)
+                    fallbacks += self._encode_batch(batch, task.url, writer, errors)
                     buckets[item.target_size] = []
             for batch in buckets.values():
                 if batch:
-                    self._encode_batch(batch, task.url, writer, errors)
+                    fallbacks += self._encode_batch(batch, task.url, writer, errors)
             if len(writer) + len(errors) != read:
                 raise RuntimeError(f"shard {task.name}: {read} samples read but {len(writer)} written and "
                                    f"{len(errors)} errored; refusing to commit a shard that loses samples")
@@ -208,7 +212,7 @@ class ShardEncoder:
         self.ledger.commit_record(record)
         return ShardResult(name=task.name, samples_read=read, samples_written=stats.samples,
                            samples_errored=len(errors), bytes=stats.bytes, seconds=seconds,
-                           fp32_fallbacks=self.codec.stats.fp32_fallbacks - fallbacks_before,
+                           fp32_fallbacks=fallbacks,
                            attempt=task.attempt)
 
 
@@ -217,13 +221,16 @@ class EncodeActor:
     store) and encodes shards. Made remote by the driver with the resources it needs."""
 
     def __init__(self, cfg: EncodeConfig) -> None:
+        # transforms checks sizes against both limits; lift Pillow's own (process-wide, so only
+        # here in the actor's own process) when the config allows more.
+        Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, cfg.preprocess.max_image_pixels)
         self._encoder = ShardEncoder(cfg, build_codec(cfg.vae, cfg.storage_options))
         log.info("actor %d ready: %r", os.getpid(), self._encoder.codec)
 
     def describe(self) -> dict[str, Any]:
         codec = self._encoder.codec
         return {"identity": codec_identity(self._encoder.cfg, codec), "codec": repr(codec),
-                "random_weights": codec.random_weights, "metadata": self._encoder.metadata}
+                "random_weights": codec.random_weights}
 
     def process(self, task: ShardTask) -> ShardResult:
         return self._encoder.process(task)

@@ -147,9 +147,18 @@ def _local_shards(folder: Path, n_shards: int, per_shard: int) -> list[str]:
 def test_another_vae_is_refused_unless_overwrite(ray_cluster, tmp_path):
     _local_shards(tmp_path / "in", 2, 3)
     out = str(tmp_path / "out")
-    first = run_encode(_cfg([str(tmp_path / "in")], out, format="safetensors"), progress=False)
+    # Buckets mix latent shapes within a shard; flip stores a second latent per sample.
+    pre = PreprocessConfig(resolution=128, buckets=True, bucket_step=32, flip=True)
+    first = run_encode(_cfg([str(tmp_path / "in")], out, format="safetensors", preprocess=pre), progress=False)
     assert first.samples_written == 6
-    other = _cfg([str(tmp_path / "in")], out, format="safetensors", vae=VAEConfig(source="random:tiny", seed=1))
+    rows = list(read_latents(out))
+    shapes = {latent.shape for _, latent, _ in rows}
+    assert len(shapes) > 1 and all(s[1] * s[2] * 64 <= 1.3 * 128 * 128 for s in shapes)
+    for _, latent, meta in rows:
+        assert meta["latent_flip"].shape == latent.shape and not np.allclose(meta["latent_flip"], latent)
+        assert tuple(meta["target_size"]) == (latent.shape[1] * 8, latent.shape[2] * 8)
+    other = _cfg([str(tmp_path / "in")], out, format="safetensors", preprocess=pre,
+                 vae=VAEConfig(source="random:tiny", seed=1))
     with pytest.raises(IncompatibleOutputError, match="fingerprint: output has random-"):
         run_encode(other, progress=False)
     replaced = run_encode(dataclasses.replace(other, overwrite=True), progress=False)
@@ -223,3 +232,27 @@ def test_killed_driver_then_resume_writes_every_key_once(ray_cluster, tmp_path):
     assert not (out / "_tmp").exists() or not list((out / "_tmp").iterdir()), "temp files left behind"
     data_files = [p.name for p in out.iterdir() if p.is_file() and not p.name.startswith("_")]
     assert sorted(data_files) == sorted(f"part-{s:04d}.parquet" for s in range(8))
+
+
+def test_error_rate_threshold_stops_the_job(ray_cluster, tmp_path):
+    bad = [{"__key__": f"bad/{i}", "jpg": b"not an image"} for i in range(6)]
+    imagedata.write_tar_shard(str(tmp_path / "in" / "bad-0000.tar"), bad)
+    imagedata.write_tar_shard(str(tmp_path / "in" / "bad-0001.tar"), bad)
+    cfg = _cfg([str(tmp_path / "in")], str(tmp_path / "out"), max_error_rate=0.2, min_samples_for_error_rate=5)
+    with pytest.raises(JobError, match=r"stopping the job: \d+ of \d+ samples failed \(100.0%\), above max_error_rate=20.0%"):
+        run_encode(cfg, progress=False)
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+
+
+def test_hung_shard_times_out_kills_its_actor_and_is_given_up(ray_cluster, tmp_path):
+    """A shard whose read never returns (a FIFO with no writer) times out; its actor is restarted,
+    the shard is retried and then reported, and the shards beside it still commit."""
+    urls = _local_shards(tmp_path / "in", 3, 2)
+    hung = tmp_path / "in" / "part-0003.tar"
+    os.mkfifo(hung)
+    inputs = [*urls, str(hung)]
+    cfg = _cfg(inputs, str(tmp_path / "out"), actors=1,
+               retry=RetryConfig(max_attempts=2, backoff_s=0.1, backoff_max_s=0.2, shard_timeout_s=4.0))
+    with pytest.raises(JobError, match=r"part-0003: failed 2 time\(s\)"):
+        run_encode(cfg, progress=False)
+    assert {r.name for r in Ledger(str(tmp_path / "out")).job_records()} == {"part-0000", "part-0001", "part-0002"}

@@ -156,3 +156,27 @@ def test_bad_inputs_are_named():
         codec.encode(torch.zeros(1, 3, 60, 64))
     with pytest.raises(ValueError, match="dtype 'float8'"):
         load_vae("random:tiny", dtype="float8")
+
+
+def test_decode_overflow_falls_back_to_float32():
+    codec = load_vae("random:tiny", seed=0, dtype="float16", tile_size=None)
+    reference = load_vae("random:tiny", seed=0, tile_size=None)
+    for model in (codec._reference, reference.model):
+        model.decoder.conv_in.weight.data.mul_(1e5)
+    codec.model.decoder.conv_in.weight.data.copy_(codec._reference.decoder.conv_in.weight.data.half())
+    z = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        raw = codec.model.decode(z.half().contiguous(memory_format=torch.channels_last))
+    assert not torch.isfinite(raw).all(), "the test setup must overflow in float16"
+    image = codec.decode(z)
+    assert torch.isfinite(image).all() and codec.stats.fp32_fallbacks == 2
+    assert rel_err(image, reference.decode(z)) < 1e-4
+
+
+def test_preset_that_contradicts_the_config_scaling_is_refused(tmp_path):
+    from tests.vae_reference import diffusers_vae
+
+    diffusers_vae("sdxl", seed=0).save_pretrained(str(tmp_path / "sdxl"), safe_serialization=True)
+    with pytest.raises(ValueError, match=r"preset 'sd15' has scaling_factor=0.18215, but .* says 0.13025"):
+        load_vae(str(tmp_path / "sdxl"), preset="sd15")
+    assert load_vae(str(tmp_path / "sdxl"), preset="sdxl").scaling_factor == 0.13025

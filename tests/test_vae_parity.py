@@ -125,3 +125,20 @@ def test_load_from_s3_url(s3_bucket, tmp_path):
     fsspec.filesystem("s3").put(local, url)
     codec = load_vae(url, preset="tiny")
     assert codec.fingerprint == load_vae(local, preset="tiny").fingerprint
+
+
+@pytest.mark.parametrize("preset", ["sd15", "flux"])
+def test_our_compvis_layout_is_what_diffusers_single_file_loader_expects(preset):
+    """Independent check of the key mapping: diffusers' own CompVis->diffusers converter, applied
+    to our CompVis layout, gives back exactly the diffusers state dict we started from."""
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    ref = diffusers_vae(preset, seed=12)
+    levels = len(ref.config.block_out_channels)
+    compvis = to_compvis_layout(to_model_layout(ref.state_dict(), levels))
+    converted = convert_ldm_vae_checkpoint({f"first_stage_model.{k}": v for k, v in compvis.items()},
+                                           dict(ref.config))
+    expected = ref.state_dict()
+    assert set(converted) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(converted[key].reshape(value.shape), value), key

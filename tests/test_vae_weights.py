@@ -89,3 +89,23 @@ def test_random_weights_are_seeded_and_marked():
     assert a.fingerprint == b.fingerprint != c.fingerprint
     assert a.fingerprint.startswith("random-") and a.random_weights
     assert "RANDOM WEIGHTS" in repr(a)
+
+
+def test_hub_repo_is_read_from_the_local_cache_offline(tmp_path, monkeypatch):
+    """A repo id resolves through huggingface_hub's cache layout without any network."""
+    import huggingface_hub.constants as hc
+
+    ref = diffusers_vae("tiny", seed=11)
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--acme--tiny-vae" / "snapshots" / ("0" * 40)
+    ref.save_pretrained(str(snapshot), safe_serialization=True)
+    (cache / "models--acme--tiny-vae" / "refs").mkdir(parents=True)
+    (cache / "models--acme--tiny-vae" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    codec = load_vae("acme/tiny-vae")
+    assert codec.preset.name == "custom" and codec.config.block_out_channels == (16, 32, 32, 32)
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        expected = ref.encode(x).latent_dist.mean
+    assert torch.allclose(codec.encode(x).mean, expected, atol=1e-5)

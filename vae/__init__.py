@@ -17,7 +17,7 @@ import torch
 
 from .codec import CodecStats, Moments, NonFiniteError, VAECodec, resolve_device
 from .model import AutoencoderKL, DiagonalGaussian, VAEArchitecture
-from .presets import PRESETS, VAEPreset, check_architecture, get_preset, preset_from_diffusers_config
+from .presets import PRESETS, VAEPreset, check_against_config, get_preset, preset_from_diffusers_config
 from .weights import WeightsError, fingerprint, load_into, read_state_dict, resolve_source, to_model_layout
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def _pick_preset(preset: str | None, config: Mapping[str, Any] | None, source: s
     if preset is not None:
         chosen = get_preset(preset)
         if config is not None:
-            check_architecture(chosen, config)
+            check_against_config(chosen, config)
         return chosen
     if config is not None:
         return preset_from_diffusers_config(config, name="custom")
@@ -74,7 +74,11 @@ def load_vae(
     """
     random_weights = source.startswith(RANDOM_PREFIX)
     if random_weights:
-        chosen = get_preset(preset or source[len(RANDOM_PREFIX):])
+        named = source[len(RANDOM_PREFIX):]
+        if preset is not None and preset != named:
+            raise ValueError(f"source {source!r} names preset {named!r} but preset={preset!r} was given; "
+                             "drop one of them")
+        chosen = get_preset(named)
         model = build_model(chosen, seed=seed)
         log.warning("VAE %s has RANDOM WEIGHTS (seed %d): latents are for tests and demos only", source, seed)
     else:

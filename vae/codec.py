@@ -160,6 +160,9 @@ class VAECodec:
         if tile_size is not None and (tile_size % f or tile_overlap % f or not 0 <= tile_overlap < tile_size):
             raise ValueError(f"tile_size={tile_size} and tile_overlap={tile_overlap} must be multiples of "
                              f"{f} with 0 <= overlap < tile_size")
+        if preset.fp16_overflows and self.dtype == torch.float16:
+            log.warning("the %s VAE overflows in float16: most batches will be recomputed in float32; "
+                        "bfloat16 avoids that", preset.name)
         self.tile_size = tile_size
         self.tile_overlap = tile_overlap
         self.stats = CodecStats()
@@ -217,9 +220,12 @@ class VAECodec:
         tile = self.tile_size if part == "encode" else (self.tile_size // f if self.tile_size else None)
         overlap = self.tile_overlap if part == "encode" else self.tile_overlap // f
         ratio = 1 / f if part == "encode" else f
+        def run(t: torch.Tensor) -> torch.Tensor:
+            return split_on_oom(forward, t, self.stats)
+
         if tile is not None and max(x.shape[-2:]) > tile:
-            return tiled(forward, x, tile=tile, overlap=overlap, ratio=ratio)
-        return split_on_oom(forward, x, self.stats).float()
+            return tiled(run, x, tile=tile, overlap=overlap, ratio=ratio)
+        return run(x).float()
 
     def _reference_model(self) -> AutoencoderKL:
         assert self._reference is not None

@@ -110,10 +110,16 @@ def preset_from_diffusers_config(config: Mapping[str, Any], *, name: str = "cust
     )
 
 
-def check_architecture(preset: VAEPreset, config: Mapping[str, Any]) -> None:
-    """Raise if a diffusers config describes another architecture than `preset` (factors may differ)."""
+def check_against_config(preset: VAEPreset, config: Mapping[str, Any]) -> None:
+    """Raise if a diffusers config describes another architecture or latent scaling than `preset`:
+    a wrong scaling factor silently degrades every latent written with it."""
     other = preset_from_diffusers_config(config)
     if other.arch != preset.arch:
         raise ValueError(f"preset {preset.name!r} has architecture {preset.arch}, but the weights' "
                          f"config.json describes {other.arch}")
+    for name in ("scaling_factor", "shift_factor"):
+        ours, theirs = getattr(preset, name), getattr(other, name)
+        if abs(ours - theirs) > 1e-6:
+            raise ValueError(f"preset {preset.name!r} has {name}={ours}, but the weights' config.json says "
+                             f"{theirs}; pick the matching preset or leave preset unset to use the config's")
 

@@ -48,8 +48,11 @@ class ResolvedSource:
 
 
 def _looks_like_repo_id(source: str) -> bool:
-    return "://" not in source and not os.path.exists(source) and bool(
-        re.fullmatch(r"[\w.-]+/[\w.-]+(/[\w./-]+)?", source)) and not source.startswith((".", "/"))
+    """`org/name` or `org/name/subfolder`; a missing local file such as `weights/vae.safetensors`
+    is not one, so it gets a "not found" error rather than a hub error."""
+    return ("://" not in source and not os.path.exists(source) and not source.startswith((".", "/", "~"))
+            and not source.endswith(WEIGHT_SUFFIXES)
+            and bool(re.fullmatch(r"[\w.-]+/[\w.-]+(/[\w./-]+)?", source)))
 
 
 def _resolve_folder(fs: fsspec.AbstractFileSystem, folder: str, protocol_prefix: str) -> ResolvedSource:

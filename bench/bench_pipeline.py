@@ -1,0 +1,217 @@
+"""End-to-end throughput of the encode job, side by side with its baselines, in one run.
+
+Two comparisons (medians over --repeats alternating runs; Ray is started once, before timing):
+
+  model   the job (one actor) vs. the model alone on ready-made batches of the same size:
+          shows how much of the model's speed survives reading, decoding and writing
+          (goal >= 0.9 where the model dominates, e.g. sd15).
+  loop    the job (--actors actors, decode threads) vs. a plain single-process loop doing the
+          same work with the same building blocks (read tar, decode, resize, encode, write):
+          shows what the actors and the threaded decoding buy (goal >= 1.6 on 2 cores, tiny VAE).
+
+"wall" ratios include actor start-up; "steady" ratios time from the first committed shard to the
+last (start-up excluded), which is what a long job sees.
+
+    python bench/bench_pipeline.py                         # both comparisons, CPU defaults
+    python bench/bench_pipeline.py --only model --preset sd15 --resolution 512 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.config import EncodeConfig, PreprocessConfig, VAEConfig  # noqa: E402
+from pipeline.demo import bundled_photos  # noqa: E402
+from pipeline.driver import run_encode  # noqa: E402
+from pipeline.reader import iter_shard  # noqa: E402
+from pipeline.samples import SampleError  # noqa: E402
+from pipeline.shards import expand_inputs, shard_name  # noqa: E402
+from pipeline.transforms import prepare, to_model_input  # noqa: E402
+from pipeline.worker import build_codec, job_metadata  # noqa: E402
+from pipeline.writers import LatentRecord, make_writer  # noqa: E402
+
+
+def make_shards(folder: Path, n_shards: int, per_shard: int, side: int) -> None:
+    """Shards of real photos resized to about `side` px on the long side, as JPEG (quality 90)."""
+    import tarfile
+
+    photos = []
+    for name, path in sorted(bundled_photos().items()):
+        img = Image.open(path).convert("RGB")
+        scale = side / max(img.size)
+        img = img.resize((round(img.width * scale), round(img.height * scale)), Image.LANCZOS)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)
+        photos.append(buf.getvalue())
+    folder.mkdir(parents=True, exist_ok=True)
+    for s in range(n_shards):
+        with tarfile.open(folder / f"bench-{s:05d}.tar", "w") as tar:
+            for i in range(per_shard):
+                data = photos[(s * per_shard + i) % len(photos)]
+                info = tarfile.TarInfo(f"{s:05d}_{i:05d}.jpg")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def run_job(cfg: EncodeConfig) -> dict:
+    """The real job; returns images, wall seconds, and steady-state seconds/images."""
+    commits: list[tuple[float, int]] = []
+    t0 = time.perf_counter()
+    summary = run_encode(cfg, progress=False,
+                         on_result=lambda r: commits.append((time.perf_counter(), r.samples_read)))
+    wall = time.perf_counter() - t0
+    steady_images = sum(n for _, n in commits[1:])
+    steady_s = commits[-1][0] - commits[0][0] if len(commits) > 1 else wall
+    return {"images": summary.samples_read, "wall_s": wall, "steady_images": steady_images, "steady_s": steady_s}
+
+
+def run_plain_loop(cfg: EncodeConfig) -> dict:
+    """The same work in one process, one thing at a time: read, decode, batch, encode, write."""
+    t0 = time.perf_counter()
+    codec = build_codec(cfg.vae)
+    meta = job_metadata(cfg, codec)
+    images = 0
+    shard_times = []
+    for url in expand_inputs(cfg.input):
+        writer = make_writer(cfg.format, cfg.output, shard_name(url), meta, latent_dtype=cfg.latent_dtype)
+        batch = []
+
+        def flush(batch: list) -> None:
+            mean, logvar = codec.encode(to_model_input([p.pixels for p in batch]))
+            latent = codec.scale(mean).numpy()
+            for i, p in enumerate(batch):
+                writer.add(LatentRecord(p.key, latent[i], logvar[i].numpy(), p.original_size, p.crop_top_left,
+                                        p.target_size, extras=p.extras))
+
+        for item in iter_shard(url):
+            images += 1
+            if isinstance(item, SampleError):
+                continue
+            batch.append(prepare(item, cfg.preprocess))
+            if len(batch) == cfg.batch_size:
+                flush(batch)
+                batch = []
+        if batch:
+            flush(batch)
+        writer.commit()
+        shard_times.append(time.perf_counter())
+    wall = time.perf_counter() - t0
+    per_shard = images / len(shard_times)
+    steady_s = shard_times[-1] - shard_times[0] if len(shard_times) > 1 else wall
+    return {"images": images, "wall_s": wall, "steady_images": per_shard * (len(shard_times) - 1), "steady_s": steady_s}
+
+
+def run_model_only(cfg: EncodeConfig, images: int) -> dict:
+    """The codec alone on ready-made batches: `images` images at the job's resolution and batch size."""
+    codec = build_codec(cfg.vae)
+    r = cfg.preprocess.resolution
+    x = torch.rand(cfg.batch_size, 3, r, r) * 2 - 1
+    codec.encode(x)  # warm-up
+    t0 = time.perf_counter()
+    done = 0
+    while done < images:
+        codec.encode(x)
+        done += cfg.batch_size
+    if str(codec.device).startswith("cuda"):
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    return {"images": done, "wall_s": wall, "steady_images": done, "steady_s": wall}
+
+
+def ips(r: dict, steady: bool) -> float:
+    return (r["steady_images"] / r["steady_s"]) if steady else (r["images"] / r["wall_s"])
+
+
+def compare(name: str, job_cfg: EncodeConfig, baseline, repeats: int, tmp: Path) -> dict:
+    job_runs, base_runs = [], []
+    for rep in range(repeats):  # alternate, so drift on a shared machine hits both alike
+        out = tmp / f"out-{name}-{rep}"
+        job_runs.append(run_job(dataclasses.replace(job_cfg, output=str(out))))
+        shutil.rmtree(out, ignore_errors=True)
+        base_out = tmp / f"base-{name}-{rep}"
+        base_out.mkdir()
+        base_runs.append(baseline(dataclasses.replace(job_cfg, output=str(base_out)), job_runs[-1]["images"]))
+        shutil.rmtree(base_out, ignore_errors=True)
+    row = {"comparison": name, "images": job_runs[0]["images"]}
+    for kind in ("wall", "steady"):
+        job = statistics.median(ips(r, kind == "steady") for r in job_runs)
+        base = statistics.median(ips(r, kind == "steady") for r in base_runs)
+        row[f"job_{kind}_img_s"], row[f"baseline_{kind}_img_s"], row[f"{kind}_ratio"] = job, base, job / base
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", choices=["model", "loop"], default=None)
+    ap.add_argument("--preset", default="sd15", help="VAE for the model comparison (random weights)")
+    ap.add_argument("--resolution", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--model-images", type=int, default=48)
+    ap.add_argument("--loop-shards", type=int, default=12)
+    ap.add_argument("--loop-per-shard", type=int, default=32)
+    ap.add_argument("--photo-side", type=int, default=1024, help="long side of the JPEGs in the shards")
+    ap.add_argument("--actors", type=int, default=2, help="actors for the loop comparison")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args()
+
+    import ray
+
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="latentcache-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        if args.only in (None, "model"):
+            per = args.batch_size * 2
+            make_shards(tmp / "model-in", max(1, args.model_images // per), per, args.photo_side)
+            cfg = EncodeConfig(input=(str(tmp / "model-in"),), output="unused",
+                               vae=VAEConfig(source=f"random:{args.preset}", device=args.device),
+                               preprocess=PreprocessConfig(resolution=args.resolution), batch_size=args.batch_size,
+                               actors=1)
+            rows.append(compare("model", cfg, lambda c, n: run_model_only(c, n), args.repeats, tmp))
+        if args.only in (None, "loop"):
+            make_shards(tmp / "loop-in", args.loop_shards, args.loop_per_shard, args.photo_side)
+            cfg = EncodeConfig(input=(str(tmp / "loop-in"),), output="unused",
+                               vae=VAEConfig(source="random:tiny", device=args.device),
+                               preprocess=PreprocessConfig(resolution=args.resolution), batch_size=args.batch_size,
+                               actors=args.actors, decode_threads=2)
+            rows.append(compare("loop", cfg, lambda c, n: run_plain_loop(c), args.repeats, tmp))
+    ray.shutdown()
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else (
+        f"CPU {platform.machine()}, {torch.get_num_threads()} threads")
+    print(f"\nencode pipeline throughput ({device}); resolution {args.resolution}, batch {args.batch_size}, "
+          f"JPEG side {args.photo_side}, medians of {args.repeats}")
+    print(f"{'comparison':<12}{'images':>8}{'job img/s':>11}{'base img/s':>12}{'wall ratio':>12}"
+          f"{'job steady':>12}{'base steady':>13}{'steady ratio':>14}")
+    for r in rows:
+        print(f"{r['comparison']:<12}{r['images']:>8}{r['job_wall_img_s']:>11.2f}{r['baseline_wall_img_s']:>12.2f}"
+              f"{r['wall_ratio']:>12.2f}{r['job_steady_img_s']:>12.2f}{r['baseline_steady_img_s']:>13.2f}"
+              f"{r['steady_ratio']:>14.2f}")
+    print("model: baseline = the codec alone on ready batches (preset %s); loop: baseline = one process, "
+          "no threads (tiny preset, %d actors for the job)" % (args.preset, args.actors))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    out = Path(args.out) / f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps({"bench": "pipeline", "args": vars(args), "device": device, "rows": rows,
+                               "torch": torch.__version__}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

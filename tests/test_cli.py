@@ -1,0 +1,47 @@
+"""The `latentcache` command: version, help, demo, status."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pipeline import __version__
+from pipeline.cli import main
+
+
+def test_version_and_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"latentcache {__version__}"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("encode", "status", "demo"):
+        assert command in out
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "--version"], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == f"latentcache {__version__}"
+
+
+def test_bad_config_is_a_clear_error_not_a_traceback(capsys, tmp_path):
+    code = main(["encode", "--input", str(tmp_path / "x.tar"), "--output", str(tmp_path / "o"),
+                 "--set", "preprocess.resolution=500"])
+    assert code == 1
+    assert "preprocess.resolution=500 must be a multiple of 8" in capsys.readouterr().err
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_demo_encodes_bundled_photos_and_status_reports_it(ray_cluster, tmp_path, capsys):
+    assert main(["demo", "--workdir", str(tmp_path / "demo"), "--preset", "tiny", "--resolution", "64"]) == 0
+    out = capsys.readouterr().out
+    assert f"output:  {tmp_path / 'demo' / 'latents'}" in out
+    assert "1 recorded as errors" in out
+    assert main(["status", str(tmp_path / "demo" / "latents")]) == 0
+    status = capsys.readouterr().out
+    assert "SUCCEEDED" in status and "5/5 committed" in status and "1 errored" in status

@@ -1,0 +1,32 @@
+"""Checks that need CUDA (skipped elsewhere): parity and precision fallback on the GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests.vae_reference import diffusers_vae, rel_err
+from vae import load_vae
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("dtype, tol", [("float32", 1e-3), ("bfloat16", 3e-2), ("float16", 1e-2)])
+def test_cuda_matches_diffusers(dtype, tol, tmp_path):
+    ref = diffusers_vae("sd15", seed=0)
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
+    codec = load_vae(str(path), preset="sd15", device="cuda", dtype=dtype)
+    x = torch.rand(2, 3, 256, 256) * 2 - 1
+    with torch.no_grad():
+        expected = ref.encode(x).latent_dist.mean
+    assert rel_err(codec.encode(x).mean.cpu(), expected) < tol
+
+
+def test_cuda_float16_overflow_falls_back():
+    codec = load_vae("random:tiny", seed=0, device="cuda", dtype="float16")
+    codec._reference.encoder.conv_in.weight.data.mul_(1e5)
+    codec.model.encoder.conv_in.weight.data.copy_(codec._reference.encoder.conv_in.weight.data.half().cuda())
+    mean, _ = codec.encode(torch.rand(2, 3, 64, 64) * 2 - 1)
+    assert torch.isfinite(mean).all() and codec.stats.fp32_fallbacks == 2
