@@ -40,7 +40,8 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     summary = run_encode(cfg, ray_address=args.address, progress=not args.no_progress)
     print(f"done: {summary.samples_written} latents written, {summary.samples_errored} samples errored, "
           f"{summary.processed_shards} shard(s) encoded and {summary.skipped_shards} already committed, "
-          f"{summary.images_per_second:.1f} img/s -> {summary.output}")
+          f"{summary.steady_images_per_second:.1f} img/s once the VAE was loaded "
+          f"({summary.images_per_second:.1f} img/s overall) -> {summary.output}")
     return 0
 
 

@@ -95,7 +95,8 @@ def run_demo(workdir: str | Path = "latentcache-demo", *, preset: str = "sd15", 
     keys = [key for key, _, _ in read_latents(str(out))]
     latent = next(iter(read_latents(str(out))))[1]
     print(f"\nencoded {summary.samples_written} images ({summary.samples_errored} recorded as errors) "
-          f"into {summary.total_shards} shard(s) at {summary.images_per_second:.1f} img/s")
+          f"into {summary.total_shards} shard(s) at {summary.steady_images_per_second:.1f} img/s "
+          f"once the VAE was loaded")
     print(f"latents: {len(keys)} rows, each {latent.shape} {latent.dtype}; VAE has RANDOM WEIGHTS (demo only)")
     print(f"output:  {out}")
     print(f"errors:  {out / '_errors.parquet'}   status: latentcache status {out}")

@@ -130,11 +130,18 @@ class JobSummary:
     samples_errored: int
     fp32_fallbacks: int
     seconds: float
+    encode_seconds: float
     random_weights: bool
 
     @property
     def images_per_second(self) -> float:
+        """Over the whole run, start-up (listing, actors loading the VAE) included."""
         return self.samples_read / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def steady_images_per_second(self) -> float:
+        """From the moment every actor had its VAE loaded to the end: what a long job sees."""
+        return self.samples_read / self.encode_seconds if self.encode_seconds > 0 else 0.0
 
 
 def _actor_count(cfg: EncodeConfig) -> tuple[int, dict[str, float]]:
@@ -211,10 +218,10 @@ def run_encode(cfg: EncodeConfig, *, ray_address: str | None = None, progress: b
                                        total_shards=len(shards)), overwrite=cfg.overwrite)
         committed = {r.name for r in ledger.job_records()}
         todo = plan(shards, committed)
-        for name in todo:
-            ledger.discard(name)  # a stale record must never vouch for data being rewritten
+        ledger.discard_all(todo)  # a stale record must never vouch for data being rewritten
         log.info("%d shard(s): %d committed already, %d to do", len(shards), len(committed), len(todo))
 
+        t_ready = time.monotonic()
         sched = Scheduler(todo, cfg.retry, cfg.max_error_rate, cfg.min_samples_for_error_rate)
         bar = _Progress(len(shards), len(committed), progress)
         inflight: dict[Any, tuple[str, Any, float]] = {}  # ref -> (shard name, actor, submitted at)
@@ -281,7 +288,7 @@ def run_encode(cfg: EncodeConfig, *, ray_address: str | None = None, progress: b
             output=ledger.url, total_shards=len(shards), skipped_shards=len(committed),
             processed_shards=len(sched.done), samples_read=read, samples_written=written,
             samples_errored=errored, fp32_fallbacks=sum(r.fp32_fallbacks for r in sched.done.values()),
-            seconds=time.monotonic() - t0, random_weights=bool(infos[0]["random_weights"]))
+            seconds=time.monotonic() - t0, encode_seconds=time.monotonic() - t_ready, random_weights=bool(infos[0]["random_weights"]))
         ledger.write_success({"this_run": dataclasses.asdict(summary)})
         return summary
     finally:

@@ -426,6 +426,13 @@ class Ledger:
         """Remove shard `name`'s record (not its data) before rewriting a shard that is not committed."""
         self._rm_if_exists(self._record_path(name))
 
+    def discard_all(self, names: set[str] | dict[str, str]) -> int:
+        """`discard` for many shards: one listing and one bulk delete (a job may have 100k shards)."""
+        stale = [e["name"] for e in self._ls(self._path(RECORDS_DIR))
+                 if e["type"] == "file" and posixpath.basename(e["name"])[: -len(".json")] in names]
+        self._rm(stale)
+        return len(stale)
+
     def records(self) -> list[ShardRecord]:
         """The committed shards' records (any name), by name; two listings and one batched read."""
         paths = sorted(e["name"] for e in self._ls(self._path(RECORDS_DIR))

@@ -34,8 +34,11 @@ def s3_server() -> Iterator[dict[str, str]]:
     The values are also exported to os.environ for the session, so that s3fs (in this process and
     in Ray workers started afterwards) reaches the server through the usual AWS variables.
     """
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()

@@ -219,3 +219,15 @@ def test_read_latents_without_manifest_reads_all_data_files(tmp_path) -> None:
             w.commit()
     (tmp_path / "_stray.parquet").write_bytes(b"ignored")
     assert [k for k, _, _ in read_latents(str(tmp_path))] == ["a-key", "b-key"]
+
+
+def test_discard_all_removes_only_the_named_records(tmp_path):
+    from pipeline.ledger import RECORDS_DIR
+
+    records = tmp_path / RECORDS_DIR
+    records.mkdir()
+    for name in ("a", "b", "c"):
+        (records / f"{name}.json").write_text("{}")
+    ledger = Ledger(str(tmp_path))
+    assert ledger.discard_all({"a", "c", "zzz"}) == 2
+    assert sorted(p.name for p in records.iterdir()) == ["b.json"]
