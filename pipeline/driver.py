@@ -145,15 +145,21 @@ class JobSummary:
 
 
 def _actor_count(cfg: EncodeConfig) -> tuple[int, dict[str, float]]:
+    """How many actors, and what each asks Ray for: one GPU each where there are GPUs, else a
+    share of the CPUs (fractional, so asking for more actors than cores never waits forever)."""
     import ray
 
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    want_gpu = cfg.vae.device != "cpu" and gpus > 0
-    if want_gpu:
-        return (cfg.actors or gpus), {"num_gpus": 1, "num_cpus": 1}
-    cpus = int(ray.cluster_resources().get("CPU", 1))
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    if cfg.vae.device != "cpu" and gpus > 0:
+        n = cfg.actors or gpus
+        if n > gpus:
+            log.warning("%d actors asked for but the cluster has %d GPU(s); using %d", n, gpus, gpus)
+            n = gpus
+        return n, {"num_gpus": 1, "num_cpus": 1}
+    cpus = float(resources.get("CPU", 1))
     n = cfg.actors or 1
-    return n, {"num_cpus": max(1, cpus // n)}
+    return n, {"num_cpus": max(0.01, cpus / n) if n > cpus else float(int(cpus // n))}
 
 
 def _ensure_ray(address: str | None) -> bool:
