@@ -210,7 +210,11 @@ def run_encode(cfg: EncodeConfig, *, ray_address: str | None = None, progress: b
             max_restarts=-1, max_task_retries=0,  # retries are the driver's decision, not Ray's
             runtime_env={"env_vars": env} if env else None, **resources)
         actors = [remote.remote(cfg) for _ in range(min(n_actors, len(shards)))]
-        infos = ray.get([a.describe.remote() for a in actors])
+        try:
+            infos = ray.get([a.describe.remote() for a in actors])
+        except RayError as e:  # the actor's constructor failed: weights missing, unreadable, mismatched
+            raise JobError(f"the encode actors could not load the VAE {cfg.vae.source!r}: "
+                           f"{str(e).strip().splitlines()[-1][:1000]}") from e
         identity = infos[0]["identity"]
         if any(i["identity"] != identity for i in infos):
             raise JobError("actors loaded different VAEs (fingerprints differ); check the weights source")
@@ -294,7 +298,8 @@ def run_encode(cfg: EncodeConfig, *, ray_address: str | None = None, progress: b
             output=ledger.url, total_shards=len(shards), skipped_shards=len(committed),
             processed_shards=len(sched.done), samples_read=read, samples_written=written,
             samples_errored=errored, fp32_fallbacks=sum(r.fp32_fallbacks for r in sched.done.values()),
-            seconds=time.monotonic() - t0, encode_seconds=time.monotonic() - t_ready, random_weights=bool(infos[0]["random_weights"]))
+            seconds=time.monotonic() - t0, encode_seconds=time.monotonic() - t_ready,
+            random_weights=bool(infos[0]["random_weights"]))
         ledger.write_success({"this_run": dataclasses.asdict(summary)})
         return summary
     finally:

@@ -256,3 +256,12 @@ def test_hung_shard_times_out_kills_its_actor_and_is_given_up(ray_cluster, tmp_p
     with pytest.raises(JobError, match=r"part-0003: failed 2 time\(s\)"):
         run_encode(cfg, progress=False)
     assert {r.name for r in Ledger(str(tmp_path / "out")).job_records()} == {"part-0000", "part-0001", "part-0002"}
+
+
+def test_unloadable_weights_are_a_clear_job_error(ray_cluster, tmp_path):
+    _local_shards(tmp_path / "in", 1, 2)
+    bad = tmp_path / "vae.safetensors"
+    bad.write_bytes(b"\x00garbage")
+    cfg = _cfg([str(tmp_path / "in")], str(tmp_path / "out"), vae=VAEConfig(source=str(bad), preset="tiny"))
+    with pytest.raises(JobError, match=r"could not load the VAE .*vae.safetensors"):
+        run_encode(cfg, progress=False)
