@@ -51,7 +51,7 @@ def make_shards(folder: Path, n_shards: int, per_shard: int, side: int) -> None:
     import tarfile
 
     photos = []
-    for name, path in sorted(bundled_photos().items()):
+    for _, path in sorted(bundled_photos().items()):
         img = Image.open(path).convert("RGB")
         scale = side / max(img.size)
         img = img.resize((round(img.width * scale), round(img.height * scale)), Image.LANCZOS)
@@ -88,7 +88,7 @@ def run_plain_loop(cfg: EncodeConfig) -> dict:
         writer = make_writer(cfg.format, cfg.output, shard_name(url), meta, latent_dtype=cfg.latent_dtype)
         batch = []
 
-        def flush(batch: list) -> None:
+        def flush(batch: list, writer=writer) -> None:
             mean, logvar = codec.encode(to_model_input([p.pixels for p in batch]))
             latent = codec.scale(mean).numpy()
             for i, p in enumerate(batch):

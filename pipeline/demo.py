@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 # Colour photographs shipped inside the packages (never fetched): name -> (package, relative path).

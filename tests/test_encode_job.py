@@ -23,7 +23,7 @@ from pipeline.ledger import IncompatibleOutputError, Ledger
 from pipeline.reader import iter_shard
 from pipeline.readback import read_latents
 from pipeline.samples import SampleError
-from pipeline.transforms import prepare, to_model_input
+from pipeline.transforms import SampleDecodeError, prepare, to_model_input
 from tests import imagedata
 from vae import load_vae
 
@@ -57,7 +57,7 @@ def _expected_latents(urls, cfg: EncodeConfig) -> dict[str, np.ndarray]:
                 continue
             try:
                 p = prepare(item, cfg.preprocess)
-            except Exception:
+            except SampleDecodeError:
                 continue
             out[p.key] = codec.scale(codec.encode(to_model_input([p.pixels])).mean)[0].numpy()
     return out
@@ -105,7 +105,7 @@ def test_encode_on_s3_matches_codec_counts_reconcile_and_rerun_does_nothing(ray_
     assert set(written) == all_keys - failing
     assert set(errors) == failing
     assert set(written) | set(errors) == all_keys
-    for key, err in errors.items():
+    for err in errors.values():
         assert err.shard.startswith(f"s3://{s3_bucket}/data/train-") and err.reason
     assert errors["bad/no_image"].stage == "decode" and "no image member" in errors["bad/no_image"].reason
     truncated_key = next(k for k in failing if k.startswith("trunc/"))
@@ -195,7 +195,7 @@ def test_failing_shard_is_retried_given_up_then_resumed(ray_cluster, tmp_path):
 def test_killed_driver_then_resume_writes_every_key_once(ray_cluster, tmp_path):
     import ray
 
-    urls = _local_shards(tmp_path / "in", 8, 6)
+    _local_shards(tmp_path / "in", 8, 6)
     out = tmp_path / "out"
     address = ray.get_runtime_context().gcs_address
     cmd = [sys.executable, "-m", "pipeline.cli", "encode", "--input", str(tmp_path / "in"), "--output", str(out),

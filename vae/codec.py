@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import torch
-from torch import nn
 
 from .model import AutoencoderKL
 from .presets import VAEPreset

@@ -80,7 +80,7 @@ def _resolve_hub(repo: str) -> ResolvedSource:
     repo_id, subfolder = "/".join(parts[:2]), "/".join(parts[2:])
     prefix = f"{subfolder}/" if subfolder else ""
     patterns = [f"{prefix}config.json", f"{prefix}diffusion_pytorch_model.safetensors",
-                f"vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
+                "vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     try:
         path = snapshot_download(repo_id, allow_patterns=patterns, local_files_only=offline)
