@@ -160,6 +160,7 @@ def main() -> None:
     ap.add_argument("--loop-per-shard", type=int, default=32)
     ap.add_argument("--photo-side", type=int, default=1024, help="long side of the JPEGs in the shards")
     ap.add_argument("--actors", type=int, default=2, help="actors for the loop comparison")
+    ap.add_argument("--jpeg-draft", action="store_true", help="preprocess.jpeg_draft for job and baseline")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="bench/results")
@@ -176,15 +177,15 @@ def main() -> None:
             make_shards(tmp / "model-in", max(1, args.model_images // per), per, args.photo_side)
             cfg = EncodeConfig(input=(str(tmp / "model-in"),), output="unused",
                                vae=VAEConfig(source=f"random:{args.preset}", device=args.device),
-                               preprocess=PreprocessConfig(resolution=args.resolution), batch_size=args.batch_size,
-                               actors=1)
+                               preprocess=PreprocessConfig(resolution=args.resolution, jpeg_draft=args.jpeg_draft),
+                               batch_size=args.batch_size, actors=1)
             rows.append(compare("model", cfg, lambda c, n: run_model_only(c, n), args.repeats, tmp))
         if args.only in (None, "loop"):
             make_shards(tmp / "loop-in", args.loop_shards, args.loop_per_shard, args.photo_side)
             cfg = EncodeConfig(input=(str(tmp / "loop-in"),), output="unused",
                                vae=VAEConfig(source="random:tiny", device=args.device),
-                               preprocess=PreprocessConfig(resolution=args.resolution), batch_size=args.batch_size,
-                               actors=args.actors, decode_threads=2)
+                               preprocess=PreprocessConfig(resolution=args.resolution, jpeg_draft=args.jpeg_draft),
+                               batch_size=args.batch_size, actors=args.actors, decode_threads=2)
             rows.append(compare("loop", cfg, lambda c, n: run_plain_loop(c), args.repeats, tmp))
     ray.shutdown()
 

@@ -160,14 +160,31 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, P, YCbCr, HSV, ...
 
 
-def decode_image(data: bytes, cfg: PreprocessConfig) -> Image.Image:
-    """Encoded image bytes -> 8-bit RGB Pillow image, EXIF orientation applied.
+_SWAPS_AXES = (5, 6, 7, 8)  # EXIF orientations that turn the stored image by 90 degrees
 
-    Refuses images over cfg.max_image_pixels from the header, before any pixel is decoded.
-    Raises SampleDecodeError with Pillow's reason for truncated, corrupt or unknown data.
-    """
-    img = _open_checked(data, cfg.max_image_pixels)
+
+def _oriented_size(img: Image.Image) -> tuple[int, int]:
+    """(height, width) as displayed, from the header and the EXIF orientation, before decoding."""
+    w, h = img.size
     try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # an unreadable EXIF block: Pillow's exif_transpose will ignore it too
+        orientation = 1
+    return (w, h) if orientation in _SWAPS_AXES else (h, w)
+
+
+def _decode(data: bytes, cfg: PreprocessConfig, *, draft: bool) -> tuple[Image.Image, tuple[int, int]]:
+    """(RGB image, original (height, width)). With `draft`, a JPEG much larger than its target is
+    decoded at a reduced DCT scale (1/2, 1/4, 1/8), never below the size the resize needs."""
+    img = _open_checked(data, cfg.max_image_pixels)
+    original = _oriented_size(img)
+    try:
+        if draft and img.format == "JPEG":
+            th, tw = choose_bucket(*original, cfg)
+            cover = max(th / original[0], tw / original[1])
+            if cover <= 0.5:
+                w, h = img.size
+                img.draft(None, (math.ceil(w * cover), math.ceil(h * cover)))
         img.load()
         ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of a full-size photo
         rgb = to_rgb(img)
@@ -175,7 +192,18 @@ def decode_image(data: bytes, cfg: PreprocessConfig) -> Image.Image:
         raise _pillow_failed(exc, f"cannot decode {img.format or 'image'} {img.width}x{img.height} "
                                   f"{img.mode}") from exc
     _check_pixels(rgb, cfg.max_image_pixels)  # a few formats (ICO, ICNS) pick their size while loading
-    return rgb
+    if not draft:
+        original = (rgb.height, rgb.width)
+    return rgb, original
+
+
+def decode_image(data: bytes, cfg: PreprocessConfig) -> Image.Image:
+    """Encoded image bytes -> 8-bit RGB Pillow image at full size, EXIF orientation applied.
+
+    Refuses images over cfg.max_image_pixels from the header, before any pixel is decoded.
+    Raises SampleDecodeError with Pillow's reason for truncated, corrupt or unknown data.
+    """
+    return _decode(data, cfg, draft=False)[0]
 
 
 # --- sizes, buckets, resizing --------------------------------------------------------------------
@@ -254,8 +282,7 @@ def resize_and_crop(img: Image.Image, target_hw: tuple[int, int],
 def prepare(sample: RawSample, cfg: PreprocessConfig) -> PreparedSample:
     """Raw sample -> PreparedSample at its target size; raises SampleDecodeError for a bad sample."""
     ext, data = find_image(sample)
-    img = decode_image(data, cfg)
-    original = (img.height, img.width)
+    img, original = _decode(data, cfg, draft=cfg.jpeg_draft)
     target = choose_bucket(*original, cfg)
     try:
         resized, crop = resize_and_crop(img, target, cfg.resample)

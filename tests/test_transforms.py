@@ -360,3 +360,43 @@ def test_hflip_mirrors_columns() -> None:
     batch = np.stack([img, img])
     np.testing.assert_array_equal(hflip(batch)[1], flipped)
     assert flipped.flags.c_contiguous
+
+
+# --- JPEG draft decoding --------------------------------------------------------------------------
+
+
+def _big_jpeg(size=(2048, 1536), orientation: int | None = None) -> bytes:
+    import io as _io
+
+    img = photo("astronaut").resize(size, Image.Resampling.LANCZOS)
+    buf = _io.BytesIO()
+    kwargs = {}
+    if orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        kwargs["exif"] = exif.tobytes()
+    img.save(buf, "JPEG", quality=90, **kwargs)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("orientation, original", [(None, (1536, 2048)), (6, (2048, 1536))])
+def test_jpeg_draft_keeps_geometry_and_is_close_to_a_full_decode(orientation, original):
+    from pipeline.transforms import _decode
+
+    data = _big_jpeg(orientation=orientation)
+    full = prepare({"__key__": "k", "jpg": data}, PreprocessConfig(resolution=256))
+    draft_cfg = PreprocessConfig(resolution=256, jpeg_draft=True)
+    fast = prepare({"__key__": "k", "jpg": data}, draft_cfg)
+    assert full.original_size == fast.original_size == original
+    assert full.target_size == fast.target_size and full.crop_top_left == fast.crop_top_left
+    assert peak_signal_noise_ratio(full.pixels, fast.pixels) > 35.0
+    decoded, _ = _decode(data, draft_cfg, draft=True)
+    assert max(decoded.size) == 512  # a quarter-scale DCT decode, still covering the 256 px target
+
+
+def test_jpeg_draft_leaves_small_jpegs_and_other_formats_alone():
+    small = _big_jpeg(size=(400, 300))  # needs a 0.85 scale: no DCT reduction applies
+    for data, ext in ((small, "jpg"), (encode(photo("astronaut"), "PNG"), "png")):
+        a = prepare({"__key__": "k", ext: data}, PreprocessConfig(resolution=256))
+        b = prepare({"__key__": "k", ext: data}, PreprocessConfig(resolution=256, jpeg_draft=True))
+        assert np.array_equal(a.pixels, b.pixels)
