@@ -142,3 +142,18 @@ def test_our_compvis_layout_is_what_diffusers_single_file_loader_expects(preset)
     assert set(converted) == set(expected)
     for key, value in expected.items():
         assert torch.equal(converted[key].reshape(value.shape), value), key
+
+
+def test_full_checkpoint_in_safetensors_reads_only_the_vae(tmp_path):
+    from vae.weights import read_state_dict
+
+    ref = diffusers_vae("tiny", seed=13)
+    compvis = to_compvis_layout(to_model_layout(ref.state_dict(), 4))
+    state = {f"first_stage_model.{k}": v.contiguous() for k, v in compvis.items()}
+    state["model.diffusion_model.out.0.weight"] = torch.zeros(64, 64)
+    state["cond_stage_model.transformer.embeddings.weight"] = torch.zeros(32, 8)
+    path = tmp_path / "sd-full.safetensors"
+    save_file(state, str(path))
+    assert all(k.startswith("first_stage_model.") for k in read_state_dict(str(path)))
+    _assert_parity(load_vae(str(path), preset="tiny"), ref, torch.rand(1, 3, 32, 32) * 2 - 1,
+                   torch.randn(1, 4, 4, 4))
