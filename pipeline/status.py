@@ -14,11 +14,16 @@ def format_status(output: str, storage_options: Mapping[str, Any] | None = None)
     if ledger.read_manifest() is None:
         return f"{output}: no latentcache job here (no _latentcache.json)"
     p = ledger.progress()
-    identity = ledger.read_manifest()["identity"]
+    manifest = ledger.read_manifest()
+    identity = manifest["identity"]
     now = datetime.now(timezone.utc)
-    elapsed = (p.last_update - p.started).total_seconds() if p.started and p.last_update else 0.0
-    rate = p.samples_read / elapsed if elapsed > 0 else 0.0
-    shard_rate = p.committed_shards / elapsed if elapsed > 0 else 0.0
+    # Rates over the latest run only: idle time between a stop and a resume is not the job's speed.
+    run_start = datetime.fromisoformat(manifest["updated"]) if manifest.get("updated") else p.started
+    this_run = [r for r in ledger.job_records()
+                if r.committed_at and run_start and datetime.fromisoformat(r.committed_at) >= run_start]
+    elapsed = (p.last_update - run_start).total_seconds() if run_start and p.last_update else 0.0
+    rate = sum(r.samples_read for r in this_run) / elapsed if elapsed > 0 else 0.0
+    shard_rate = len(this_run) / elapsed if elapsed > 0 else 0.0
     remaining = p.total_shards - p.committed_shards
     if p.succeeded:
         state = "SUCCEEDED"
@@ -37,5 +42,5 @@ def format_status(output: str, storage_options: Mapping[str, Any] | None = None)
         f"shards   {p.committed_shards}/{p.total_shards} committed ({pct:.1f}%)",
         f"samples  {p.samples_written} written, {p.samples_errored} errored ({err_pct:.2f}%) "
         f"of {p.samples_read} read",
-        f"speed    {rate:.1f} img/s over the job so far; ETA {eta}; last commit {age}",
+        f"speed    {rate:.1f} img/s in the latest run; ETA {eta}; last commit {age}",
     ])
