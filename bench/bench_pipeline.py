@@ -36,7 +36,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import EncodeConfig, PreprocessConfig, VAEConfig  # noqa: E402
-from pipeline.demo import bundled_photos  # noqa: E402
+from pipeline.demo import bundled_photos, write_tar  # noqa: E402
 from pipeline.driver import run_encode  # noqa: E402
 from pipeline.reader import iter_shard  # noqa: E402
 from pipeline.samples import SampleError  # noqa: E402
@@ -48,8 +48,6 @@ from pipeline.writers import LatentRecord, make_writer  # noqa: E402
 
 def make_shards(folder: Path, n_shards: int, per_shard: int, side: int) -> None:
     """Shards of real photos resized to about `side` px on the long side, as JPEG (quality 90)."""
-    import tarfile
-
     photos = []
     for _, path in sorted(bundled_photos().items()):
         img = Image.open(path).convert("RGB")
@@ -60,12 +58,8 @@ def make_shards(folder: Path, n_shards: int, per_shard: int, side: int) -> None:
         photos.append(buf.getvalue())
     folder.mkdir(parents=True, exist_ok=True)
     for s in range(n_shards):
-        with tarfile.open(folder / f"bench-{s:05d}.tar", "w") as tar:
-            for i in range(per_shard):
-                data = photos[(s * per_shard + i) % len(photos)]
-                info = tarfile.TarInfo(f"{s:05d}_{i:05d}.jpg")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+        write_tar(folder / f"bench-{s:05d}.tar",
+                  [(f"{s:05d}_{i:05d}.jpg", photos[(s * per_shard + i) % len(photos)]) for i in range(per_shard)])
 
 
 def run_job(cfg: EncodeConfig) -> dict:

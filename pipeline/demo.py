@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import io
+import tarfile
 from pathlib import Path
+from typing import Iterable
 
 from PIL import Image
 
@@ -44,12 +47,19 @@ def bundled_photos() -> dict[str, Path]:
     return found
 
 
+def write_tar(path: str | Path, members: Iterable[tuple[str, bytes]]) -> Path:
+    """A WebDataset tar of (member name, bytes) in the given order, e.g. ("cat.jpg", ...)."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return Path(path)
+
+
 def build_demo_shards(folder: str | Path, *, per_shard: int = 4) -> list[Path]:
     """WebDataset tar shards of the bundled photos (`<key>.jpg` + `<key>.txt` caption), plus one
     deliberately broken sample, so the demo shows errors being recorded rather than fatal."""
-    import io
-    import tarfile
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     photos = sorted(bundled_photos().items())
@@ -60,17 +70,12 @@ def build_demo_shards(folder: str | Path, *, per_shard: int = 4) -> list[Path]:
         img.convert("RGB").save(buf, format="JPEG", quality=92)
         samples.append((name, buf.getvalue(), f"a photo: {name}".encode()))
     samples.append(("broken_jpeg", b"this is not a jpeg", b"a broken sample"))
-    shards = []
-    for i in range(0, len(samples), per_shard):
-        path = folder / f"demo-{i // per_shard:06d}.tar"
-        with tarfile.open(path, "w") as tar:
-            for key, image, caption in samples[i:i + per_shard]:
-                for ext, data in (("jpg", image), ("txt", caption)):
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-        shards.append(path)
-    return shards
+    return [
+        write_tar(folder / f"demo-{i // per_shard:06d}.tar",
+                  [(f"{key}.{ext}", data) for key, image, caption in samples[i:i + per_shard]
+                   for ext, data in (("jpg", image), ("txt", caption))])
+        for i in range(0, len(samples), per_shard)
+    ]
 
 
 def run_demo(workdir: str | Path = "latentcache-demo", *, preset: str = "sd15", resolution: int = 256,
@@ -91,8 +96,8 @@ def run_demo(workdir: str | Path = "latentcache-demo", *, preset: str = "sd15", 
         min_samples_for_error_rate=1000,  # the demo's one broken sample must not stop it
     )
     summary = run_encode(cfg, ray_address="local")
-    keys = [key for key, _, _ in read_latents(str(out))]
-    latent = next(iter(read_latents(str(out))))[1]
+    rows = [(key, latent) for key, latent, _ in read_latents(str(out))]
+    keys, latent = [k for k, _ in rows], rows[0][1]
     print(f"\nencoded {summary.samples_written} images ({summary.samples_errored} recorded as errors) "
           f"into {summary.total_shards} shard(s) at {summary.steady_images_per_second:.1f} img/s "
           f"once the VAE was loaded")

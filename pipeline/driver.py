@@ -28,6 +28,10 @@ FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
                  "HF_HOME", "HF_HUB_CACHE")
 
 
+# Shards in flight per actor: the next shard's reading and decoding overlap this one's encoding.
+SHARDS_PER_ACTOR = 2
+
+
 class JobError(RuntimeError):
     """The job stopped: shards failed for good, or too many samples failed."""
 
@@ -206,7 +210,7 @@ def run_encode(cfg: EncodeConfig, *, ray_address: str | None = None, progress: b
         n_actors, resources = _actor_count(cfg)
         env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
         remote = ray.remote(EncodeActor).options(
-            max_concurrency=2,  # the next shard's reading and decoding overlap this one's encoding
+            max_concurrency=SHARDS_PER_ACTOR,
             max_restarts=-1, max_task_retries=0,  # retries are the driver's decision, not Ray's
             runtime_env={"env_vars": env} if env else None, **resources)
         actors = [remote.remote(cfg) for _ in range(min(n_actors, len(shards)))]
@@ -235,20 +239,18 @@ def run_encode(cfg: EncodeConfig, *, ray_address: str | None = None, progress: b
         sched = Scheduler(todo, cfg.retry, cfg.max_error_rate, cfg.min_samples_for_error_rate)
         bar = _Progress(len(shards), len(committed), progress)
         inflight: dict[Any, tuple[str, Any, float]] = {}  # ref -> (shard name, actor, submitted at)
-        load = {id(a): 0 for a in actors}
         killed_at: dict[int, float] = {}  # actor -> when it was last killed for a timeout
         collateral: set[Any] = set()  # refs that died only because their actor was killed
         try:
             while not sched.finished:
                 now = time.monotonic()
                 for actor in actors:
-                    while load[id(actor)] < 2:
+                    busy = sum(1 for _, a, _ in inflight.values() if a is actor)
+                    for _ in range(SHARDS_PER_ACTOR - busy):
                         task = sched.next_task(now)
                         if task is None:
                             break
-                        ref = actor.process.remote(task)
-                        inflight[ref] = (task.name, actor, now)
-                        load[id(actor)] += 1
+                        inflight[actor.process.remote(task)] = (task.name, actor, now)
                 if not inflight:
                     ready_at = sched.next_ready_at()
                     time.sleep(max(0.0, min(1.0, (ready_at or now) - now)))
@@ -256,8 +258,7 @@ def run_encode(cfg: EncodeConfig, *, ray_address: str | None = None, progress: b
                 ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
                 now = time.monotonic()
                 for ref in ready:
-                    name, actor, _ = inflight.pop(ref)
-                    load[id(actor)] -= 1
+                    name, _, _ = inflight.pop(ref)
                     try:
                         result: ShardResult = ray.get(ref)
                     except RayError as e:  # task error, actor/worker/node death, lost objects

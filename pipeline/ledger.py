@@ -52,7 +52,8 @@ SUCCESS = "_SUCCESS"
 TMP_DIR = "_tmp"
 MANIFEST_VERSION = 1
 _DATA_EXTENSIONS = tuple(cls.extension for cls in WRITERS.values())
-_ERRORS_SCHEMA = pa.schema([pa.field(n, pa.string(), nullable=False) for n in ("key", "shard", "stage", "reason")])
+_ERROR_FIELDS = tuple(f.name for f in dataclasses.fields(SampleError))
+_ERRORS_SCHEMA = pa.schema([pa.field(n, pa.string(), nullable=False) for n in _ERROR_FIELDS])
 
 
 class LedgerError(RuntimeError):
@@ -162,7 +163,7 @@ class ShardRecord:
         if not isinstance(errors, list):
             raise LedgerError(f"{where}: errors={errors!r} must be a list of SampleError objects")
         try:
-            parsed = tuple(SampleError(**{k: str(e[k]) for k in ("key", "shard", "stage", "reason")})
+            parsed = tuple(SampleError(**{k: str(e[k]) for k in _ERROR_FIELDS})
                            for e in errors)
         except (TypeError, KeyError) as e:
             raise LedgerError(f"{where}: an error entry lacks {e}; expected key, shard, stage, reason") from None
@@ -500,10 +501,13 @@ class Ledger:
             last_update=max(times, default=None) or _parse_time(job.get("updated")),
             succeeded=succeeded)
 
-    def progress(self) -> JobProgress:
-        """Where the job in this folder stands; reads only the folder, so it runs from any machine."""
+    def progress(self, records: list[ShardRecord] | None = None) -> JobProgress:
+        """Where the job in this folder stands; reads only the folder, so it runs from any machine.
+
+        `records` (from `job_records()`) saves reading them again when the caller has them.
+        """
         self._manifest = None  # another process may have restarted the job
-        records = self.job_records()
+        records = self.job_records() if records is None else records
         self.fs.invalidate_cache(self._path(SUCCESS))
         return self._progress(records, succeeded=self.fs.exists(self._path(SUCCESS)))
 

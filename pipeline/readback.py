@@ -34,7 +34,8 @@ from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.ledger import MANIFEST, Ledger
-from pipeline.writers import METADATA_KEY, RESERVED_COLUMNS, WRITERS, is_text_extension, join, output_fs
+from pipeline.writers import (LATENT_COLUMNS, METADATA_KEY, RESERVED_COLUMNS, SIZE_COLUMNS, WRITERS,
+                              is_text_extension, join, output_fs)
 
 logger = logging.getLogger(__name__)
 
@@ -97,10 +98,8 @@ def _read_parquet(fs: AbstractFileSystem, path: str, name: str, with_logvar: boo
         columns = [n for n in schema.names if n not in skip]
         for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=columns):
             shapes = batch.column("latent_shape").to_pylist()
-            arrays = {n: _lists(batch.column(n), shapes) for n in ("latent", "logvar", "latent_flip", "logvar_flip")
-                      if n not in skip}
-            ints = {n: batch.column(n).to_pylist() for n in ("original_height", "original_width", "crop_top",
-                                                             "crop_left", "target_height", "target_width")}
+            arrays = {n: _lists(batch.column(n), shapes) for n in LATENT_COLUMNS if n not in skip}
+            ints = {n: batch.column(n).to_pylist() for n in SIZE_COLUMNS}
             extra_values = {e: batch.column(e).to_pylist() for e in extras}
             for i, key in enumerate(batch.column("key").to_pylist()):
                 meta: dict[str, Any] = {

@@ -11,15 +11,16 @@ from .ledger import Ledger
 def format_status(output: str, storage_options: Mapping[str, Any] | None = None) -> str:
     """Shards and samples done of total, images/s, errors and an ETA, as a few lines of text."""
     ledger = Ledger(output, storage_options)
-    if ledger.read_manifest() is None:
-        return f"{output}: no latentcache job here (no _latentcache.json)"
-    p = ledger.progress()
     manifest = ledger.read_manifest()
+    if manifest is None:
+        return f"{output}: no latentcache job here (no _latentcache.json)"
+    records = ledger.job_records()
+    p = ledger.progress(records)
     identity = manifest["identity"]
     now = datetime.now(timezone.utc)
     # Rates over the latest run only: idle time between a stop and a resume is not the job's speed.
     run_start = datetime.fromisoformat(manifest["updated"]) if manifest.get("updated") else p.started
-    this_run = [r for r in ledger.job_records()
+    this_run = [r for r in records
                 if r.committed_at and run_start and datetime.fromisoformat(r.committed_at) >= run_start]
     elapsed = (p.last_update - run_start).total_seconds() if run_start and p.last_update else 0.0
     rate = sum(r.samples_read for r in this_run) / elapsed if elapsed > 0 else 0.0

@@ -149,14 +149,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
     mode = img.mode
     if mode == "RGB" and "transparency" not in img.info:
         return img
+    if mode.startswith("I") or mode == "F":
+        return _gray_to_8bit(img)  # a transparent key on deep grayscale is vanishingly rare: ignored
     if mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in img.info:
-        if mode.startswith("I") or mode == "F":
-            return _gray_to_8bit(img)  # a transparent key on deep grayscale is vanishingly rare
         return _composite_on_white(img)
     if mode == "CMYK":
         return _cmyk_to_rgb(img)
-    if mode.startswith("I") or mode == "F":
-        return _gray_to_8bit(img)
     return img.convert("RGB")  # L, 1, P, YCbCr, HSV, ...
 
 

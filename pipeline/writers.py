@@ -396,8 +396,9 @@ class ParquetShardWriter(ShardWriter):
     def _extension_columns(self) -> list[str]:
         return sorted({ext for r in self._records for ext in r.extras})
 
-    def schema(self) -> pa.Schema:
-        """The Parquet schema for the records buffered so far, with the shard metadata."""
+    def schema(self, extensions: list[str] | None = None) -> pa.Schema:
+        """The Parquet schema for the records buffered so far (passthrough columns `extensions`,
+        computed from the records when not given), with the shard metadata."""
         value = pa.float16() if self._dtype is np.float16 else pa.float32()
         fields = [pa.field("key", pa.string(), nullable=False),
                   pa.field("latent", pa.list_(value), nullable=False),
@@ -407,7 +408,7 @@ class ParquetShardWriter(ShardWriter):
                   pa.field("logvar_flip", pa.list_(value))]
         fields += [pa.field(c, pa.int32(), nullable=False) for c in SIZE_COLUMNS]
         fields += [pa.field(ext, pa.string() if is_text_extension(ext) else pa.binary())
-                   for ext in self._extension_columns()]
+                   for ext in (self._extension_columns() if extensions is None else extensions)]
         return pa.schema(fields, metadata={METADATA_KEY: self._metadata_json()})
 
     @staticmethod
@@ -420,9 +421,9 @@ class ParquetShardWriter(ShardWriter):
         return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=type_.value_type),
                                         type=type_, mask=mask if any(a is None for a in arrays) else None)
 
-    def _batch(self, records: list[LatentRecord], schema: pa.Schema) -> pa.RecordBatch:
+    def _batch(self, records: list[LatentRecord], schema: pa.Schema, extensions: list[str]) -> pa.RecordBatch:
         columns: dict[str, pa.Array] = {"key": pa.array([r.key for r in records], type=pa.string())}
-        for name in ("latent", "logvar", "latent_flip", "logvar_flip"):
+        for name in LATENT_COLUMNS:
             columns[name] = self._list_column([getattr(r, name) for r in records], schema.field(name).type)
         columns["latent_shape"] = pa.array([list(r.latent.shape) for r in records], type=pa.list_(pa.int32()))
         sizes = {"original_height": lambda r: r.original_size[0], "original_width": lambda r: r.original_size[1],
@@ -430,7 +431,7 @@ class ParquetShardWriter(ShardWriter):
                  "target_height": lambda r: r.target_size[0], "target_width": lambda r: r.target_size[1]}
         for name, get in sizes.items():
             columns[name] = pa.array([get(r) for r in records], type=pa.int32())
-        for ext in self._extension_columns():
+        for ext in extensions:
             text = is_text_extension(ext)
             values = [r.extras.get(ext) for r in records]
             columns[ext] = pa.array([None if v is None else (v.decode("utf-8") if text else v) for v in values],
@@ -444,14 +445,15 @@ class ParquetShardWriter(ShardWriter):
         return max(1, int(_ROW_GROUP_BYTES // max(1, total // len(self._records))))
 
     def _serialize(self, out: BinaryIO) -> None:
-        schema = self.schema()
+        extensions = self._extension_columns()  # one scan of the records, not one per row group
+        schema = self.schema(extensions)
         scalar_columns = ["key", *SIZE_COLUMNS]
-        dictionary_columns = [e for e in self._extension_columns() if is_text_extension(e)]
+        dictionary_columns = [e for e in extensions if is_text_extension(e)]
         step = self._rows_per_group()
         with pq.ParquetWriter(out, schema, compression="zstd", use_dictionary=dictionary_columns,
                               write_statistics=scalar_columns) as writer:
             for start in range(0, len(self._records), step):
-                writer.write_batch(self._batch(self._records[start:start + step], schema),
+                writer.write_batch(self._batch(self._records[start:start + step], schema, extensions),
                                    row_group_size=step)
 
 
@@ -496,16 +498,8 @@ def make_writer(format: str, output_url: str, name: str, metadata: Mapping[str, 
     return cls(output_url, name, metadata, latent_dtype=latent_dtype, storage_options=storage_options)
 
 
-def extension_for(format: str) -> str:
-    """The file extension of a format's shard files."""
-    try:
-        return WRITERS[format].extension
-    except KeyError:
-        raise ValueError(f"format={format!r} is not allowed; expected one of {sorted(WRITERS)}") from None
-
-
 __all__ = [
     "LatentRecord", "ShardStats", "ShardWriter", "ParquetShardWriter", "SafetensorsShardWriter",
-    "InvalidRecordError", "ShardWriteError", "make_writer", "extension_for", "is_text_extension",
+    "InvalidRecordError", "ShardWriteError", "make_writer", "is_text_extension",
     "METADATA_KEY", "TEXT_EXTENSIONS",
 ]

@@ -61,15 +61,15 @@ def test_tiled_encode_approaches_untiled():
     assert torch.equal(small, reference)
 
 
-def _overflowing_codec(dtype: str):
+def _overflowing_codec(dtype: str, part: str = "encoder"):
+    """A reduced-precision codec and a float32 one, with the first conv of `part` scaled up so its
+    activations exceed float16's range (65504) but not float32's; the weights (|w| < 0.2) still fit."""
     codec = load_vae("random:tiny", seed=0, dtype=dtype, tile_size=None)
     reference = load_vae("random:tiny", seed=0, tile_size=None)
-    # Blow up the first layer so activations exceed float16's range (65504) but not float32's;
-    # the weights themselves (|w| < 0.2) still fit.
-    for c in (codec, reference):
-        model = c.model if c is reference else c._reference
-        model.encoder.conv_in.weight.data.mul_(1e5)
-    codec.model.encoder.conv_in.weight.data.copy_(codec._reference.encoder.conv_in.weight.data.to(codec.dtype))
+    for model in (codec._reference, reference.model):
+        getattr(model, part).conv_in.weight.data.mul_(1e5)
+    inflated = getattr(codec._reference, part).conv_in.weight.data
+    getattr(codec.model, part).conv_in.weight.data.copy_(inflated.to(codec.dtype))
     return codec, reference
 
 
@@ -159,11 +159,7 @@ def test_bad_inputs_are_named():
 
 
 def test_decode_overflow_falls_back_to_float32():
-    codec = load_vae("random:tiny", seed=0, dtype="float16", tile_size=None)
-    reference = load_vae("random:tiny", seed=0, tile_size=None)
-    for model in (codec._reference, reference.model):
-        model.decoder.conv_in.weight.data.mul_(1e5)
-    codec.model.decoder.conv_in.weight.data.copy_(codec._reference.decoder.conv_in.weight.data.half())
+    codec, reference = _overflowing_codec("float16", part="decoder")
     z = torch.randn(2, 4, 8, 8)
     with torch.no_grad():
         raw = codec.model.decode(z.half().contiguous(memory_format=torch.channels_last))

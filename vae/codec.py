@@ -13,7 +13,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .model import AutoencoderKL
+from .model import AutoencoderKL, DiagonalGaussian
 from .presets import VAEPreset
 
 log = logging.getLogger(__name__)
@@ -210,15 +210,13 @@ class VAECodec:
 
         def forward(t: torch.Tensor) -> torch.Tensor:
             t = t.to(self.device, dtype).contiguous(memory_format=self._memory_format)
-            if part == "encode":
-                m = model.encoder(t)
-                return m if model.quant_conv is None else model.quant_conv(m)
-            return model.decode(t)
+            return model.moments(t) if part == "encode" else model.decode(t)
 
         f = self.downsample_factor
         tile = self.tile_size if part == "encode" else (self.tile_size // f if self.tile_size else None)
         overlap = self.tile_overlap if part == "encode" else self.tile_overlap // f
         ratio = 1 / f if part == "encode" else f
+
         def run(t: torch.Tensor) -> torch.Tensor:
             return split_on_oom(forward, t, self.stats)
 
@@ -249,9 +247,8 @@ class VAECodec:
     def encode(self, x: torch.Tensor) -> Moments:
         """Images (B, 3, H, W) in [-1, 1] -> unscaled posterior `Moments(mean, logvar)` in float32."""
         self._check_input(x, self.config.in_channels, "images", self.downsample_factor)
-        moments = self._finite("encode", x)
-        mean, logvar = torch.chunk(moments, 2, dim=1)
-        return Moments(mean=mean, logvar=torch.clamp(logvar, -30.0, 20.0))
+        posterior = DiagonalGaussian.from_moments(self._finite("encode", x))
+        return Moments(mean=posterior.mean, logvar=posterior.logvar)
 
     @torch.inference_mode()
     def decode(self, z: torch.Tensor) -> torch.Tensor:

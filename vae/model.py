@@ -229,11 +229,13 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * c, 2 * c, kernel_size=1) if arch.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(c, c, kernel_size=1) if arch.use_post_quant_conv else None
 
-    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+    def moments(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder output (B, 2 * latent_channels, H/f, W/f): mean and log-variance, stacked."""
         moments = self.encoder(x)
-        if self.quant_conv is not None:
-            moments = self.quant_conv(moments)
-        return DiagonalGaussian.from_moments(moments)
+        return moments if self.quant_conv is None else self.quant_conv(moments)
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        return DiagonalGaussian.from_moments(self.moments(x))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         if self.post_quant_conv is not None:
