@@ -38,12 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import EncodeConfig, PreprocessConfig, VAEConfig  # noqa: E402
 from pipeline.demo import bundled_photos, write_tar  # noqa: E402
 from pipeline.driver import run_encode  # noqa: E402
-from pipeline.reader import iter_shard  # noqa: E402
+from pipeline.io.tar_reader import iter_shard  # noqa: E402
 from pipeline.samples import SampleError  # noqa: E402
-from pipeline.shards import expand_inputs, shard_name  # noqa: E402
+from pipeline.io.shards import expand_inputs, shard_name  # noqa: E402
 from pipeline.transforms import prepare, to_model_input  # noqa: E402
 from pipeline.worker import build_codec, job_metadata  # noqa: E402
-from pipeline.writers import LatentRecord, make_writer  # noqa: E402
+from pipeline.io.latent_writers import LatentRecord, make_writer  # noqa: E402
 
 
 def make_shards(folder: Path, n_shards: int, per_shard: int, side: int) -> None:

@@ -8,21 +8,17 @@ import sys
 from typing import Any, Sequence
 
 from . import __version__
-from .config import EncodeConfig, apply_overrides, from_dict, load_yaml
+from .config import RunConfig, apply_overrides, from_dict, load_yaml
 
-# Flag -> config key; a flag left unset keeps the YAML's (or the default) value.
-_ENCODE_FLAGS = {
-    "input": "input", "output": "output", "vae": "vae.source", "preset": "vae.preset",
-    "dtype": "vae.dtype", "device": "vae.device", "format": "format", "resolution": "preprocess.resolution",
-    "buckets": "preprocess.buckets", "flip": "preprocess.flip", "batch_size": "batch_size",
-    "actors": "actors", "latent_dtype": "latent_dtype", "overwrite": "overwrite",
-}
+# Flags every job kind has -> config key; a flag left unset keeps the YAML's (or the default) value.
+_RUN_FLAGS = {"input": "input", "output": "output", "actors": "actors", "overwrite": "overwrite"}
 
 
-def encode_config_from_args(args: argparse.Namespace) -> EncodeConfig:
-    """YAML file (if any), then flags, then `--set key=value` overrides -> a checked EncodeConfig."""
+def config_from_args(kind: Any, args: argparse.Namespace) -> RunConfig:
+    """YAML file (if any), then flags, then `--set key=value` overrides -> the kind's checked config."""
     data: dict[str, Any] = load_yaml(args.config) if args.config else {}
-    flags = {key: getattr(args, flag) for flag, key in _ENCODE_FLAGS.items() if getattr(args, flag) is not None}
+    table = {**_RUN_FLAGS, **kind.flags}
+    flags = {key: getattr(args, flag) for flag, key in table.items() if getattr(args, flag, None) is not None}
     data = apply_overrides(data, flags)
     sets = {}
     for item in args.set or []:
@@ -30,18 +26,33 @@ def encode_config_from_args(args: argparse.Namespace) -> EncodeConfig:
         if not sep:
             raise SystemExit(f"--set {item!r}: expected key=value, e.g. --set preprocess.resolution=1024")
         sets[key] = value
-    return from_dict(EncodeConfig, apply_overrides(data, sets))
+    return from_dict(kind.config_type, apply_overrides(data, sets))
 
 
-def _cmd_encode(args: argparse.Namespace) -> int:
-    from .driver import run_encode
+def _add_run_flags(p: argparse.ArgumentParser, kind: Any) -> None:
+    p.add_argument("--input", nargs="+", help=f"input shard URLs of the {kind.name} job: braces {{000..009}}, "
+                                              "globs, or folders")
+    p.add_argument("--output", help="output folder (local path or fsspec URL)")
+    p.add_argument("--actors", type=int, help="number of actors (default: one per GPU, else 1 on CPU)")
+    p.add_argument("--overwrite", action="store_const", const=True,
+                   help="replace an output made by another job (another VAE, preprocessing, format)")
+    p.add_argument("--config", help=f"YAML file whose keys are {kind.config_type.__name__}'s fields")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override any config field, e.g. retry.max_attempts=5 (repeatable)")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    cfg = encode_config_from_args(args)
-    summary = run_encode(cfg, ray_address=args.address, progress=not args.no_progress)
-    print(f"done: {summary.samples_written} latents written, {summary.samples_errored} samples errored, "
-          f"{summary.processed_shards} shard(s) encoded and {summary.skipped_shards} already committed, "
-          f"{summary.steady_images_per_second:.1f} img/s once the VAE was loaded "
-          f"({summary.images_per_second:.1f} img/s overall) -> {summary.output}")
+
+def _cmd_job(args: argparse.Namespace) -> int:
+    from .core.runner import run_job
+
+    cfg = config_from_args(args.kind, args)
+    s = run_job(args.kind, cfg, ray_address=args.address, progress=not args.no_progress)
+    extra = args.kind.describe_summary(s.counters)
+    print(f"done: {s.samples_written} samples written, {s.samples_errored} errored, "
+          f"{s.processed_shards} shard(s) processed and {s.skipped_shards} already committed, "
+          f"{s.steady_images_per_second:.1f} img/s once the model was loaded "
+          f"({s.images_per_second:.1f} img/s overall){'; ' + extra if extra else ''} -> {s.output}")
     return 0
 
 
@@ -59,48 +70,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_encode_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", nargs="+", help="tar shard URLs: braces {000..009}, globs, or folders")
-    p.add_argument("--output", help="output folder (local path or fsspec URL)")
-    p.add_argument("--vae", help="weights: file, URL, diffusers folder, HF repo id, or random:PRESET")
-    p.add_argument("--preset", help="VAE family: sd15, sdxl, sd3, flux, tiny (sets scaling)")
-    p.add_argument("--format", choices=["parquet", "safetensors"])
-    p.add_argument("--resolution", type=int)
-    p.add_argument("--buckets", action="store_const", const=True, help="aspect-ratio buckets")
-    p.add_argument("--flip", action="store_const", const=True, help="also store latents of flipped images")
-    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], help="compute precision")
-    p.add_argument("--device", help="auto, cpu, cuda")
-    p.add_argument("--latent-dtype", choices=["float16", "float32"], help="storage precision")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--actors", type=int, help="number of actors (default: one per GPU, else 1 on CPU)")
-    p.add_argument("--overwrite", action="store_const", const=True,
-                   help="replace an output made with another VAE or preprocessing")
-    p.add_argument("--config", help="YAML file whose keys are EncodeConfig's fields")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override any config field, e.g. retry.max_attempts=5 (repeatable)")
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from .jobs import kinds
+
     parser = argparse.ArgumentParser(
         prog="latentcache",
-        description="Precompute Stable Diffusion VAE latents for WebDataset image shards, on Ray.",
+        description="Precompute Stable Diffusion VAE latents for WebDataset image shards, on Ray, and decode them back.",
     )
     parser.add_argument("--version", action="version", version=f"latentcache {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    enc = sub.add_parser("encode", help="encode image shards into latent shards (resumable)")
-    _add_encode_flags(enc)
-    enc.set_defaults(func=_cmd_encode)
+    for kind in kinds():
+        p = sub.add_parser(kind.name, help=kind.help)
+        kind.add_arguments(p)
+        _add_run_flags(p, kind)
+        p.set_defaults(func=_cmd_job, kind=kind)
 
     st = sub.add_parser("status", help="progress of a job, read from its output folder")
     st.add_argument("output", help="the job's output folder (local path or URL)")
     st.set_defaults(func=_cmd_status)
 
-    demo = sub.add_parser("demo", help="build shards from bundled real photos and encode them on a local Ray")
-    demo.add_argument("--workdir", default="latentcache-demo", help="folder for the demo's shards and output")
+    demo = sub.add_parser("demo", help="build shards from bundled real photos, encode them on a local Ray, "
+                                       "and decode them back")
+    demo.add_argument("--workdir", default="latentcache-demo", help="folder for the demo's shards and outputs")
     demo.add_argument("--preset", default="sd15", help="random-weights VAE preset to use")
     demo.add_argument("--resolution", type=int, default=256)
     demo.add_argument("--actors", type=int, default=2)
@@ -119,13 +112,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vae import WeightsError
 
     from .config import ConfigError
-    from .driver import JobError
-    from .ledger import LedgerError
-    from .shards import DuplicateShardNameError, ShardListingError
+    from .core.kind import PlanError
+    from .core.runner import JobError
+    from .core.ledger import LedgerError
+    from .io.tar_reader import ShardReadError
+    from .io.shards import DuplicateShardNameError, ShardListingError
 
     try:
         return args.func(args)
-    except (ConfigError, JobError, LedgerError, ShardListingError, DuplicateShardNameError, WeightsError) as e:
+    except (ConfigError, JobError, PlanError, LedgerError, ShardListingError, DuplicateShardNameError,
+            ShardReadError, WeightsError) as e:
         # Errors about the user's inputs: the message names the thing; a traceback adds nothing.
         print(f"latentcache: error: {e}", file=sys.stderr)
         return 1

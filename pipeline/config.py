@@ -20,6 +20,8 @@ FORMATS = ("parquet", "safetensors")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 STORAGE_DTYPES = ("float16", "float32")
 RESAMPLE_FILTERS = ("lanczos", "bicubic", "bilinear", "box")
+IMAGE_FORMATS = ("png", "jpg", "webp")
+SAMPLE_MODES = ("mode", "posterior")
 
 
 class ConfigError(ValueError):
@@ -101,6 +103,7 @@ class RetryConfig:
     backoff_s: float = 2.0
     backoff_max_s: float = 60.0
     shard_timeout_s: float = 3600.0
+    actor_start_timeout_s: float = 900.0
 
     def __post_init__(self) -> None:
         _check(self.max_attempts >= 1, f"retry.max_attempts={self.max_attempts} must be >= 1")
@@ -108,41 +111,98 @@ class RetryConfig:
                f"retry.backoff_s={self.backoff_s} and backoff_max_s={self.backoff_max_s} "
                "must satisfy 0 <= backoff_s <= backoff_max_s")
         _check(self.shard_timeout_s > 0, f"retry.shard_timeout_s={self.shard_timeout_s} must be positive")
+        _check(self.actor_start_timeout_s > 0,
+               f"retry.actor_start_timeout_s={self.actor_start_timeout_s} must be positive")
+
+
+def _as_tuple(cfg: Any, name: str) -> None:
+    value = getattr(cfg, name)
+    object.__setattr__(cfg, name, (value,) if isinstance(value, str) else tuple(value))
 
 
 @dataclass(frozen=True)
-class EncodeConfig:
-    """The encode job: image shards in, latent shards out."""
+class RunConfig:
+    """What every job kind shares: where it reads and writes, retries, actors, the error budget.
+
+    Job configs extend it with their own fields; YAML keeps them all at the top level.
+    """
 
     input: tuple[str, ...] = ()
     output: str = ""
-    vae: VAEConfig = field(default_factory=VAEConfig)
-    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
-    format: str = "parquet"
-    latent_dtype: str = "float16"
-    batch_size: int = 8
     actors: int | None = None
-    decode_threads: int = 4
     max_error_rate: float = 0.05
     min_samples_for_error_rate: int = 100
     overwrite: bool = False
     storage_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if isinstance(self.input, str):
-            object.__setattr__(self, "input", (self.input,))
-        else:
-            object.__setattr__(self, "input", tuple(self.input))
+        _as_tuple(self, "input")
         _check(len(self.input) > 0, "input must name at least one shard URL, glob or folder")
-        _check(bool(self.output), "output must name the folder (local path or URL) for latent shards")
+        _check(bool(self.output), "output must name the output folder (local path or URL)")
+        _check(self.actors is None or self.actors >= 1, f"actors={self.actors} must be >= 1 (or unset)")
+        _check(0.0 <= self.max_error_rate <= 1.0, f"max_error_rate={self.max_error_rate} must be in [0, 1]")
+        _check(self.min_samples_for_error_rate >= 0,
+               f"min_samples_for_error_rate={self.min_samples_for_error_rate} must be >= 0")
+        object.__setattr__(self, "storage_options", dict(self.storage_options))
+
+
+@dataclass(frozen=True)
+class EncodeConfig(RunConfig):
+    """The encode job: image shards in, latent shards out.
+
+    passthrough: the sample members kept beside each latent (`txt`, `json`, ...); every shard of a
+      job has these columns. Unset: the non-image members of the first samples of the first
+      shard, found when the job is planned. Members outside the list are counted, not kept.
+    """
+
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    format: str = "parquet"
+    latent_dtype: str = "float16"
+    batch_size: int = 8
+    decode_threads: int = 4
+    passthrough: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         _one_of("format", self.format, FORMATS)
         _one_of("latent_dtype", self.latent_dtype, STORAGE_DTYPES)
         _check(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
-        _check(self.actors is None or self.actors >= 1, f"actors={self.actors} must be >= 1 (or unset)")
         _check(self.decode_threads >= 1, f"decode_threads={self.decode_threads} must be >= 1")
-        _check(0.0 <= self.max_error_rate <= 1.0, f"max_error_rate={self.max_error_rate} must be in [0, 1]")
-        object.__setattr__(self, "storage_options", dict(self.storage_options))
+        if self.passthrough is not None:
+            _as_tuple(self, "passthrough")
+            bad = [e for e in self.passthrough if not e or e.startswith(("_", ".")) or "/" in e]
+            _check(not bad, f"passthrough={list(self.passthrough)}: {bad} are not member extensions; "
+                            "expected names such as txt or json")
+            object.__setattr__(self, "passthrough", tuple(sorted(set(e.lower() for e in self.passthrough))))
+
+
+@dataclass(frozen=True)
+class DecodeConfig(RunConfig):
+    """The decode job: latent shards in, WebDataset image shards out.
+
+    vae: unset takes the VAE named in the latents' manifest (or shard metadata); a VAE whose
+      fingerprint differs from the latents' is refused.
+    sample: `mode` decodes the stored mean; `posterior` decodes mean + std * eps from the stored
+      log-variance, eps seeded per key by `seed`.
+    """
+
+    vae: VAEConfig | None = None
+    image_format: str = "png"
+    quality: int = 95
+    sample: str = "mode"
+    seed: int = 0
+    batch_size: int = 8
+    decode_threads: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _one_of("image_format", self.image_format, IMAGE_FORMATS)
+        _check(1 <= self.quality <= 100, f"quality={self.quality} must be in [1, 100]")
+        _one_of("sample", self.sample, SAMPLE_MODES)
+        _check(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
+        _check(self.decode_threads >= 1, f"decode_threads={self.decode_threads} must be >= 1")
 
 
 # --- YAML and overrides -------------------------------------------------------------------------

@@ -80,14 +80,18 @@ def build_demo_shards(folder: str | Path, *, per_shard: int = 4) -> list[Path]:
 
 def run_demo(workdir: str | Path = "latentcache-demo", *, preset: str = "sd15", resolution: int = 256,
              actors: int = 2) -> Path:
-    """Build demo shards, encode them with random-weights VAE actors on a local Ray, read them back."""
-    from .config import EncodeConfig, PreprocessConfig, VAEConfig
-    from .driver import run_encode
-    from .readback import read_latents
+    """Build demo shards, encode them with random-weights VAE actors on a local Ray, read the latents
+    back, and decode them into WebDataset image shards on the same Ray."""
+    import ray
+
+    from .config import DecodeConfig, EncodeConfig, PreprocessConfig, VAEConfig
+    from .jobs import run
+    from .io.latent_reader import read_latents
 
     workdir = Path(workdir).resolve()
     shards = build_demo_shards(workdir / "shards")
     out = workdir / "latents"
+    decoded = workdir / "decoded"
     print(f"built {len(shards)} shard(s) of bundled photos in {workdir / 'shards'}")
     cfg = EncodeConfig(
         input=(str(workdir / "shards"),), output=str(out),
@@ -95,13 +99,24 @@ def run_demo(workdir: str | Path = "latentcache-demo", *, preset: str = "sd15", 
         preprocess=PreprocessConfig(resolution=resolution), actors=actors, batch_size=4,
         min_samples_for_error_rate=1000,  # the demo's one broken sample must not stop it
     )
-    summary = run_encode(cfg, ray_address="local")
-    rows = [(key, latent) for key, latent, _ in read_latents(str(out))]
-    keys, latent = [k for k, _ in rows], rows[0][1]
-    print(f"\nencoded {summary.samples_written} images ({summary.samples_errored} recorded as errors) "
-          f"into {summary.total_shards} shard(s) at {summary.steady_images_per_second:.1f} img/s "
-          f"once the VAE was loaded")
-    print(f"latents: {len(keys)} rows, each {latent.shape} {latent.dtype}; VAE has RANDOM WEIGHTS (demo only)")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", include_dashboard=False)
+    try:
+        summary = run(cfg)
+        rows = [(key, latent) for key, latent, _ in read_latents(str(out))]
+        keys, latent = [k for k, _ in rows], rows[0][1]
+        print(f"\nencoded {summary.samples_written} images ({summary.samples_errored} recorded as errors) "
+              f"into {summary.total_shards} shard(s) at {summary.steady_images_per_second:.1f} img/s "
+              f"once the VAE was loaded")
+        print(f"latents: {len(keys)} rows, each {latent.shape} {latent.dtype}; VAE has RANDOM WEIGHTS (demo only)")
+        back = run(DecodeConfig(input=(str(out),), output=str(decoded), actors=actors, batch_size=4))
+    finally:
+        if started:
+            ray.shutdown()
+    print(f"decoded {back.samples_written} latents back into images in {back.total_shards} WebDataset shard(s) "
+          f"(random weights: the images are noise)")
     print(f"output:  {out}")
-    print(f"errors:  {out / '_errors.parquet'}   status: latentcache status {out}")
+    print(f"images:  {decoded}")
+    print(f"errors:  {out / '.latentcache' / 'errors.parquet'}   status: latentcache status {out}")
     return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any, Mapping
 
-from .ledger import Ledger
+from .core.ledger import Ledger
 
 
 def format_status(output: str, storage_options: Mapping[str, Any] | None = None) -> str:
@@ -13,7 +13,7 @@ def format_status(output: str, storage_options: Mapping[str, Any] | None = None)
     ledger = Ledger(output, storage_options)
     manifest = ledger.read_manifest()
     if manifest is None:
-        return f"{output}: no latentcache job here (no _latentcache.json)"
+        return f"{output}: no latentcache job here (no {ledger.layout.manifest})"
     records = ledger.job_records()
     p = ledger.progress(records)
     identity = manifest["identity"]
@@ -36,12 +36,14 @@ def format_status(output: str, storage_options: Mapping[str, Any] | None = None)
     pct = 100.0 * p.committed_shards / p.total_shards if p.total_shards else 100.0
     err_pct = 100.0 * p.samples_errored / p.samples_read if p.samples_read else 0.0
     age = f"{(now - p.last_update).total_seconds():.0f} s ago" if p.last_update else "never"
+    fingerprint = identity.get("vae_fingerprint", identity.get("fingerprint"))  # 0.1 named it `fingerprint`
+    output_format = identity.get("format") or identity.get("image_format") or manifest.get("data_extension")
     return "\n".join([
-        f"job      {ledger.url}: {state}",
-        f"vae      {identity.get('preset')} fingerprint {identity.get('fingerprint')}, "
-        f"format {identity.get('format')}",
+        f"job      {manifest.get('kind', 'encode')} {ledger.url}: {state}",
+        f"vae      {identity.get('preset')} fingerprint {fingerprint}, format {output_format}",
         f"shards   {p.committed_shards}/{p.total_shards} committed ({pct:.1f}%)",
         f"samples  {p.samples_written} written, {p.samples_errored} errored ({err_pct:.2f}%) "
         f"of {p.samples_read} read",
         f"speed    {rate:.1f} img/s in the latest run; ETA {eta}; last commit {age}",
+        f"errors   {ledger.path_of('errors')}",
     ])

@@ -18,7 +18,7 @@ def test_version_and_help(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for command in ("encode", "status", "demo"):
+    for command in ("encode", "decode", "status", "demo"):
         assert command in out
 
 
@@ -42,6 +42,8 @@ def test_demo_encodes_bundled_photos_and_status_reports_it(ray_cluster, tmp_path
     out = capsys.readouterr().out
     assert f"output:  {tmp_path / 'demo' / 'latents'}" in out
     assert "1 recorded as errors" in out
+    assert "decoded 16 latents back into images in 5 WebDataset shard(s)" in out
+    assert len(list((tmp_path / "demo" / "decoded").glob("*.tar"))) == 5
     assert main(["status", str(tmp_path / "demo" / "latents")]) == 0
     status = capsys.readouterr().out
     assert "SUCCEEDED" in status and "5/5 committed" in status and "1 errored" in status

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import build_parser, encode_config_from_args
+from pipeline.cli import build_parser, config_from_args
+from pipeline.jobs import get_kind
 from pipeline.config import ConfigError, EncodeConfig, PreprocessConfig, from_dict, load_yaml, to_dict
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -51,8 +52,32 @@ def test_flags_override_yaml_and_set_overrides_flags(tmp_path):
         "encode", "--config", str(yaml_path), "--input", "s3://b/a.tar", "s3://b/b.tar", "--output", "out",
         "--batch-size", "8", "--buckets", "--set", "preprocess.resolution=1024", "--set", "retry.max_attempts=5",
     ])
-    cfg = encode_config_from_args(args)
+    cfg = config_from_args(get_kind("encode"), args)
     assert cfg.input == ("s3://b/a.tar", "s3://b/b.tar")
     assert cfg.batch_size == 8 and cfg.preprocess.buckets is True
     assert cfg.preprocess.resolution == 1024 and cfg.retry.max_attempts == 5
     assert cfg.vae.source == "random:tiny" and cfg.format == "parquet"
+
+
+def test_decode_config_and_flags():
+    from pipeline.config import DecodeConfig
+
+    args = build_parser().parse_args(["decode", "--input", "lat/", "--output", "img/", "--image-format", "webp",
+                                      "--quality", "80", "--sample", "posterior", "--seed", "3", "--actors", "2"])
+    cfg = config_from_args(get_kind("decode"), args)
+    assert isinstance(cfg, DecodeConfig) and cfg.vae is None
+    assert (cfg.image_format, cfg.quality, cfg.sample, cfg.seed, cfg.actors) == ("webp", 80, "posterior", 3, 2)
+    with_vae = config_from_args(get_kind("decode"), build_parser().parse_args(
+        ["decode", "--input", "lat/", "--output", "img/", "--vae", "random:tiny"]))
+    assert with_vae.vae.source == "random:tiny"
+    with pytest.raises(ConfigError, match=r"image_format='gif' is not allowed"):
+        DecodeConfig(input="a", output="b", image_format="gif")
+    with pytest.raises(ConfigError, match=r"sample='mean' is not allowed"):
+        DecodeConfig(input="a", output="b", sample="mean")
+
+
+def test_passthrough_is_checked_and_normalised():
+    cfg = EncodeConfig(input="a.tar", output="o", passthrough=["TXT", "json", "txt"])
+    assert cfg.passthrough == ("json", "txt")
+    with pytest.raises(ConfigError, match=r"\['_key'\] are not member extensions"):
+        EncodeConfig(input="a.tar", output="o", passthrough=["_key"])

@@ -1,15 +1,15 @@
-"""The driver's pure policy: planning, retries with backoff, giving up, the error-rate stop."""
+"""The engine's pure policy: planning, retries with backoff, giving up, the error-rate stop."""
 
 from __future__ import annotations
 
 from pipeline.config import RetryConfig
-from pipeline.driver import Scheduler, backoff_delay, plan
-from pipeline.worker import ShardResult
+from pipeline.core.scheduler import Scheduler, ShardResult, backoff_delay, plan
 
 
 def _result(name: str, read: int = 10, errored: int = 0, attempt: int = 1) -> ShardResult:
     return ShardResult(name=name, samples_read=read, samples_written=read - errored, samples_errored=errored,
-                       bytes=100, seconds=1.0, fp32_fallbacks=0, attempt=attempt)
+                       bytes=100, seconds=1.0, attempt=attempt,
+                       counters={"fp32_fallbacks": 1})
 
 
 def test_plan_skips_committed_shards_only():
@@ -69,3 +69,13 @@ def test_error_rate_within_threshold_is_fine():
     sched.succeeded(_result("a", read=10, errored=5))
     assert sched.error_rate_exceeded() is None
     assert sched.totals() == (10, 5, 5)
+
+
+def test_permanent_failure_is_given_up_at_once_and_counters_add_up():
+    sched = Scheduler({"a": "u/a", "b": "u/b"}, RetryConfig(max_attempts=5, backoff_s=1.0, backoff_max_s=8.0))
+    a = sched.next_task(0.0)
+    assert sched.failed_attempt(a.name, "made with another VAE", 0.0, permanent=True) is None
+    assert sched.failed == {"a": "cannot succeed; last error: made with another VAE"}
+    b = sched.next_task(0.0)
+    sched.succeeded(_result(b.name))
+    assert sched.finished and sched.counters() == {"fp32_fallbacks": 1}

@@ -18,10 +18,12 @@ import numpy as np
 import pytest
 
 from pipeline.config import EncodeConfig, PreprocessConfig, RetryConfig, VAEConfig
-from pipeline.driver import JobError, run_encode
-from pipeline.ledger import IncompatibleOutputError, Ledger
-from pipeline.reader import iter_shard
-from pipeline.readback import read_latents
+from pipeline.core.layout import CURRENT
+from pipeline.core.ledger import IncompatibleOutputError, Ledger
+from pipeline.core.runner import JobError
+from pipeline.jobs import run as run_encode
+from pipeline.io.tar_reader import iter_shard
+from pipeline.io.latent_reader import read_latents
 from pipeline.samples import SampleError
 from pipeline.transforms import SampleDecodeError, prepare, to_model_input
 from tests import imagedata
@@ -125,13 +127,13 @@ def test_encode_on_s3_matches_codec_counts_reconcile_and_rerun_does_nothing(ray_
     assert some["extras"]["txt"].startswith("a photo of") and json.loads(some["extras"]["json"])["source"]
 
     fs = fsspec.filesystem("s3")
-    assert fs.exists(f"{out}/_SUCCESS") and fs.exists(f"{out}/_errors.parquet")
-    records_before = {p: fs.info(p)["LastModified"] for p in fs.ls(f"{out}/_records")}
+    assert fs.exists(f"{out}/{CURRENT.success}") and fs.exists(f"{out}/{CURRENT.errors}")
+    records_before = {p: fs.info(p)["LastModified"] for p in fs.ls(f"{out}/{CURRENT.records}")}
 
     again = run_encode(cfg, progress=False)
     assert again.processed_shards == 0 and again.skipped_shards == 4 and again.samples_read == 0
     fs.invalidate_cache()
-    assert {p: fs.info(p)["LastModified"] for p in fs.ls(f"{out}/_records")} == records_before
+    assert {p: fs.info(p)["LastModified"] for p in fs.ls(f"{out}/{CURRENT.records}")} == records_before
 
 
 def _local_shards(folder: Path, n_shards: int, per_shard: int) -> list[str]:
@@ -159,7 +161,7 @@ def test_another_vae_is_refused_unless_overwrite(ray_cluster, tmp_path):
         assert tuple(meta["target_size"]) == (latent.shape[1] * 8, latent.shape[2] * 8)
     other = _cfg([str(tmp_path / "in")], out, format="safetensors", preprocess=pre,
                  vae=VAEConfig(source="random:tiny", seed=1))
-    with pytest.raises(IncompatibleOutputError, match="fingerprint: output has random-"):
+    with pytest.raises(IncompatibleOutputError, match="vae_fingerprint: output has random-"):
         run_encode(other, progress=False)
     replaced = run_encode(dataclasses.replace(other, overwrite=True), progress=False)
     assert replaced.processed_shards == 2
@@ -183,7 +185,7 @@ def test_failing_shard_is_retried_given_up_then_resumed(ray_cluster, tmp_path):
         run_encode(cfg, progress=False, on_result=lose_last_shard)
     ledger = Ledger(out)
     assert {r.name for r in ledger.job_records()} == {"part-0000", "part-0001", "part-0002"}
-    assert not fsspec.filesystem("file").exists(f"{out}/_SUCCESS")
+    assert not fsspec.filesystem("file").exists(f"{out}/{CURRENT.success}")
 
     victim.write_bytes(saved)
     resumed = run_encode(cfg, progress=False)
@@ -203,7 +205,7 @@ def test_killed_driver_then_resume_writes_every_key_once(ray_cluster, tmp_path):
            "--latent-dtype", "float32", "--dtype", "float32", "--address", address, "--no-progress"]
     proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)
-    records = out / "_records"
+    records = out / CURRENT.records
     deadline = time.monotonic() + 240
     try:
         while time.monotonic() < deadline and proc.poll() is None:
@@ -220,7 +222,7 @@ def test_killed_driver_then_resume_writes_every_key_once(ray_cluster, tmp_path):
         proc.stderr.close()
     done_before = len(list(records.glob("*.json")))
     assert 1 <= done_before < 8, "the kill must land in the middle of the job"
-    assert not (out / "_SUCCESS").exists()
+    assert not (out / CURRENT.success).exists()
 
     cfg = _cfg([str(tmp_path / "in")], str(out), preprocess=PreprocessConfig(resolution=256), batch_size=2,
                actors=1)
@@ -228,9 +230,9 @@ def test_killed_driver_then_resume_writes_every_key_once(ray_cluster, tmp_path):
     assert resumed.skipped_shards >= done_before and resumed.processed_shards == 8 - resumed.skipped_shards
     keys = [k for k, _, _ in read_latents(str(out))]
     assert sorted(keys) == sorted(f"s{s:02d}/{i:03d}" for s in range(8) for i in range(6))
-    assert (out / "_SUCCESS").exists()
-    assert not (out / "_tmp").exists() or not list((out / "_tmp").iterdir()), "temp files left behind"
-    data_files = [p.name for p in out.iterdir() if p.is_file() and not p.name.startswith("_")]
+    assert (out / CURRENT.success).exists()
+    assert not (out / CURRENT.tmp).exists() or not list((out / CURRENT.tmp).iterdir()), "temp files left behind"
+    data_files = [p.name for p in out.iterdir() if p.is_file() and not p.name.startswith((".", "_"))]
     assert sorted(data_files) == sorted(f"part-{s:04d}.parquet" for s in range(8))
 
 
@@ -241,7 +243,7 @@ def test_error_rate_threshold_stops_the_job(ray_cluster, tmp_path):
     cfg = _cfg([str(tmp_path / "in")], str(tmp_path / "out"), max_error_rate=0.2, min_samples_for_error_rate=5)
     with pytest.raises(JobError, match=r"stopping the job: \d+ of \d+ samples failed \(100.0%\), above max_error_rate=20.0%"):
         run_encode(cfg, progress=False)
-    assert not (tmp_path / "out" / "_SUCCESS").exists()
+    assert not (tmp_path / "out" / CURRENT.success).exists()
 
 
 def test_hung_shard_times_out_kills_its_actor_and_is_given_up(ray_cluster, tmp_path):
@@ -258,10 +260,13 @@ def test_hung_shard_times_out_kills_its_actor_and_is_given_up(ray_cluster, tmp_p
     assert {r.name for r in Ledger(str(tmp_path / "out")).job_records()} == {"part-0000", "part-0001", "part-0002"}
 
 
-def test_unloadable_weights_are_a_clear_job_error(ray_cluster, tmp_path):
+def test_unloadable_weights_are_a_clear_error_before_any_actor_starts(ray_cluster, tmp_path):
+    from vae import WeightsError
+
     _local_shards(tmp_path / "in", 1, 2)
     bad = tmp_path / "vae.safetensors"
     bad.write_bytes(b"\x00garbage")
     cfg = _cfg([str(tmp_path / "in")], str(tmp_path / "out"), vae=VAEConfig(source=str(bad), preset="tiny"))
-    with pytest.raises(JobError, match=r"could not load the VAE .*vae.safetensors"):
+    with pytest.raises(WeightsError, match=r"cannot read weights .*vae.safetensors"):
         run_encode(cfg, progress=False)
+    assert not (tmp_path / "out" / CURRENT.manifest).exists()

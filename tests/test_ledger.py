@@ -9,24 +9,29 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import EncodeConfig, PreprocessConfig
-from pipeline.ledger import (ERRORS_TABLE, MANIFEST, SUCCESS, IncompatibleOutputError, Ledger, LedgerError,
-                             ShardRecord, build_manifest, job_identity)
-from pipeline.readback import read_latents
+from pipeline.config import PreprocessConfig, to_dict
+from pipeline.core.layout import CURRENT, LEGACY
+from pipeline.core.ledger import IncompatibleOutputError, Ledger, LedgerError, ShardRecord, build_manifest
+from pipeline.core.storage import output_fs
+from pipeline.io.latent_reader import read_latents
+from pipeline.io.latent_writers import LatentRecord, make_writer
 from pipeline.samples import SampleError
-from pipeline.writers import LatentRecord, make_writer, output_fs
+
+MANIFEST, SUCCESS, ERRORS_TABLE = CURRENT.manifest, CURRENT.success, CURRENT.errors
+RECORD0 = f"{CURRENT.records}/train-000000.json"
 
 SHARDS = {f"train-{i:06d}": f"s3://in/train-{i:06d}.tar" for i in range(3)}
 
 
 def identity(fingerprint: str = "abc123", resolution: int = 512, fmt: str = "parquet") -> dict:
-    cfg = EncodeConfig(input=("s3://in/train-{000000..000002}.tar",), output="x", format=fmt,
-                       preprocess=PreprocessConfig(resolution=resolution))
-    return job_identity(cfg, fingerprint=fingerprint, preset="tiny", scaling_factor=0.18215, shift_factor=0.0)
+    return {"kind": "encode", "vae_fingerprint": fingerprint, "preset": "tiny", "scaling_factor": 0.18215,
+            "shift_factor": 0.0, "preprocess": to_dict(PreprocessConfig(resolution=resolution)), "format": fmt,
+            "latent_dtype": "float16", "passthrough": ["txt"]}
 
 
-def manifest(**kw) -> dict:
-    return build_manifest(identity=identity(**kw), shards=SHARDS, code_version="0.1.0")
+def manifest(fmt: str = "parquet", **kw) -> dict:
+    return build_manifest(kind="encode", identity=identity(fmt=fmt, **kw), shards=SHARDS, data_extension=fmt,
+                          code_version="0.1.0")
 
 
 @pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
@@ -39,7 +44,7 @@ def out_url(request: pytest.FixtureRequest, tmp_path) -> str:
 def write_shard(ledger: Ledger, name: str, n: int, *, errors: int = 0, fmt: str = "parquet",
                 record: bool = True) -> ShardRecord:
     """Write shard `name` with n samples (keys `<name>/<i>`) and, unless told not to, its record."""
-    with make_writer(fmt, ledger.url, name, {"fingerprint": "abc123"}) as w:
+    with make_writer(fmt, ledger.url, name, {"vae_fingerprint": "abc123"}, columns=("txt",)) as w:
         for i in range(n):
             z = np.full((4, 2, 2), i, dtype=np.float32)
             w.add(LatentRecord(f"{name}/{i}", z, z, (16, 16), (0, 0), (16, 16), extras={"txt": b"t"}))
@@ -71,7 +76,7 @@ def test_commit_and_check(out_url: str) -> None:
     rec = write_shard(ledger, "train-000000", 3, errors=1)
     got = Ledger(out_url).committed("train-000000", verify_checksum=True)  # a fresh reader, e.g. another host
     assert got is not None and got.sha256 == rec.sha256 and got.errors == rec.errors and got.committed_at
-    assert files(ledger) == {MANIFEST, "train-000000.parquet", "_records/train-000000.json"}
+    assert files(ledger) == {MANIFEST, "train-000000.parquet", RECORD0}
 
 
 def test_not_committed_when_data_is_missing_or_wrong(out_url: str, caplog: pytest.LogCaptureFixture) -> None:
@@ -95,7 +100,7 @@ def test_not_committed_when_data_is_missing_or_wrong(out_url: str, caplog: pytes
     assert ledger.committed("train-000000") is not None  # the cheap check sees only the size
     assert ledger.committed("train-000000", verify_checksum=True) is None
 
-    put(ledger, "_records/train-000000.json", b"{not json")
+    put(ledger, RECORD0, b"{not json")
     assert ledger.committed("train-000000") is None
 
 
@@ -104,7 +109,7 @@ def test_not_committed_under_another_identity(tmp_path) -> None:
     ledger.open_job(manifest(), overwrite=False)
     rec = write_shard(ledger, "train-000000", 1)
     other = {**rec.to_dict(), "identity_hash": "0" * 64}
-    put(ledger, "_records/train-000000.json", json.dumps(other).encode())
+    put(ledger, RECORD0, json.dumps(other).encode())
     assert ledger.committed("train-000000") is None
     with pytest.raises(LedgerError, match="has identity 000000000000; the job at .* has"):
         ledger.commit_record(ShardRecord.from_dict(other, where="test"))
@@ -125,7 +130,7 @@ def test_open_job_refuses_another_identity(out_url: str) -> None:
     with pytest.raises(IncompatibleOutputError) as info:
         Ledger(out_url).open_job(manifest(fingerprint="def456", resolution=1024), overwrite=False)
     message = str(info.value)
-    assert "fingerprint: output has abc123, this job has def456" in message
+    assert "vae_fingerprint: output has abc123, this job has def456" in message
     assert "preprocess.resolution: output has 512, this job has 1024" in message
     assert "--overwrite" in message and "scaling_factor" not in message
 
@@ -135,14 +140,14 @@ def test_resume_keeps_committed_shards_and_clears_stale_files(out_url: str) -> N
     ledger.open_job(manifest(), overwrite=False)
     created = ledger.read_manifest()["created"]
     write_shard(ledger, "train-000000", 2)
-    put(ledger, "_tmp/train-000001.deadbeef.parquet", b"partial")
+    put(ledger, f"{CURRENT.tmp}/train-000001.deadbeef.parquet", b"partial")
     put(ledger, SUCCESS, b"{}")
 
     again = Ledger(out_url)
     again.open_job(manifest(), overwrite=False)
     assert again.committed("train-000000") is not None
     assert again.read_manifest()["created"] == created
-    assert files(again) == {MANIFEST, "train-000000.parquet", "_records/train-000000.json"}
+    assert files(again) == {MANIFEST, "train-000000.parquet", RECORD0}
 
 
 def test_overwrite_wipes_only_latentcache_files(out_url: str) -> None:
@@ -156,7 +161,7 @@ def test_overwrite_wipes_only_latentcache_files(out_url: str) -> None:
     fresh = Ledger(out_url)
     fresh.open_job(manifest(fingerprint="def456"), overwrite=True)
     assert files(fresh) == {MANIFEST, "README.md"}
-    assert fresh.read_manifest()["identity"]["fingerprint"] == "def456"
+    assert fresh.read_manifest()["identity"]["vae_fingerprint"] == "def456"
     assert fresh.progress().committed_shards == 0
 
 
@@ -190,7 +195,7 @@ def test_progress_errors_table_and_success(out_url: str) -> None:
 
 
 def test_progress_without_a_job_raises(tmp_path) -> None:
-    with pytest.raises(LedgerError, match="no latentcache job at .*_latentcache.json is missing"):
+    with pytest.raises(LedgerError, match="no latentcache job at .*.latentcache/manifest.json is missing"):
         Ledger(str(tmp_path / "nothing")).progress()
 
 
@@ -217,16 +222,62 @@ def test_read_latents_without_manifest_reads_all_data_files(tmp_path) -> None:
             w.add(LatentRecord(f"{name}-key", z, z, (16, 16), (0, 0), (16, 16)))
             w.commit()
     (tmp_path / "_stray.parquet").write_bytes(b"ignored")
+    (tmp_path / ".hidden.parquet").write_bytes(b"ignored")
     assert [k for k, _, _ in read_latents(str(tmp_path))] == ["a-key", "b-key"]
 
 
 def test_discard_all_removes_only_the_named_records(tmp_path):
-    from pipeline.ledger import RECORDS_DIR
-
-    records = tmp_path / RECORDS_DIR
-    records.mkdir()
+    records = tmp_path / CURRENT.records
+    records.mkdir(parents=True)
     for name in ("a", "b", "c"):
         (records / f"{name}.json").write_text("{}")
     ledger = Ledger(str(tmp_path))
     assert ledger.discard_all({"a", "c", "zzz"}) == 2
     assert sorted(p.name for p in records.iterdir()) == ["b.json"]
+
+
+def _legacy_folder(root, n: int = 2) -> None:
+    """An output as latentcache 0.1 laid it out: bookkeeping at the top level, identity key
+    `fingerprint`, manifest version 1."""
+    from pipeline.core.ledger import identity_hash
+
+    old_identity = {"fingerprint": "abc123", "preset": "tiny", "scaling_factor": 0.18215, "shift_factor": 0.0,
+                    "preprocess": to_dict(PreprocessConfig()), "format": "parquet", "latent_dtype": "float16"}
+    h = identity_hash(old_identity)
+    shards = {f"train-{i:06d}": f"s3://in/train-{i:06d}.tar" for i in range(n)}
+    (root / "_records").mkdir(parents=True)
+    for name in shards:
+        with make_writer("parquet", str(root), name, {"fingerprint": "abc123"}, columns=("txt",)) as w:
+            z = np.ones((4, 2, 2), np.float32)
+            w.add(LatentRecord(f"{name}/0", z, z, (16, 16), (0, 0), (16, 16), extras={"txt": b"t"}))
+            stats = w.commit()
+        rec = ShardRecord.from_stats(stats, input_url=shards[name], samples_read=1, errors=[], identity_hash=h)
+        (root / "_records" / f"{name}.json").write_text(json.dumps({k: v for k, v in rec.to_dict().items()
+                                                                     if k != "counters"}))
+    (root / "_latentcache.json").write_text(json.dumps({
+        "version": 1, "identity": old_identity, "identity_hash": h, "shards": shards, "total_shards": n,
+        "code_version": "0.1.0", "created": "2026-11-01T00:00:00+00:00", "updated": "2026-11-01T00:00:00+00:00"}))
+    (root / "_SUCCESS").write_text("{}")
+
+
+def test_a_0_1_output_is_still_read_and_reported(tmp_path) -> None:
+    from pipeline.status import format_status
+
+    _legacy_folder(tmp_path)
+    ledger = Ledger(str(tmp_path))
+    assert ledger.legacy and ledger.layout is LEGACY
+    assert [r.name for r in ledger.job_records()] == ["train-000000", "train-000001"]
+    assert [k for k, _, _ in read_latents(str(tmp_path))] == ["train-000000/0", "train-000001/0"]
+    status = format_status(str(tmp_path))
+    assert "SUCCEEDED" in status and "fingerprint abc123" in status and "2/2 committed" in status
+
+
+def test_a_0_1_output_is_not_resumed_into_unless_overwrite(tmp_path) -> None:
+    _legacy_folder(tmp_path)
+    (tmp_path / "notes.txt").write_text("the user's")
+    with pytest.raises(IncompatibleOutputError, match="written by latentcache 0.1 .*--overwrite"):
+        Ledger(str(tmp_path)).open_job(manifest(), overwrite=False)
+    fresh = Ledger(str(tmp_path))
+    fresh.open_job(manifest(), overwrite=True)
+    assert not fresh.legacy
+    assert files(fresh) == {MANIFEST, "notes.txt"}

@@ -11,7 +11,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from pipeline.reader import ShardReadError, iter_shard
+from pipeline.io.tar_reader import ShardReadError, iter_shard
 from pipeline.samples import SampleError
 from tests.imagedata import (
     encode,

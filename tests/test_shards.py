@@ -8,7 +8,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from pipeline.shards import (
+from pipeline.io.shards import (
     DuplicateShardNameError,
     ShardListingError,
     check_unique_names,

@@ -13,10 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
 
-from pipeline.readback import read_latents, read_shard_metadata
-from pipeline.writers import (InvalidRecordError, LatentRecord, ShardWriteError, make_writer, output_fs)
+from pipeline.io.latent_reader import read_latents, read_shard_metadata
+from pipeline.core.storage import output_fs
+from pipeline.io import latent_writers
+from pipeline.io.latent_writers import InvalidRecordError, LatentRecord, ShardWriteError, make_writer
 
 FORMATS = ("parquet", "safetensors")
+COLUMNS = ("cls", "jpg", "json", "txt")
 META = {"fingerprint": "abc123", "preset": "tiny", "scaling_factor": "0.18215", "shift_factor": "0.0"}
 
 
@@ -59,7 +62,7 @@ def expected(x: np.ndarray, dtype: str) -> np.ndarray:
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_round_trip_mixed_shapes(out_url: str, fmt: str, dtype: str) -> None:
     records = mixed_records()
-    with make_writer(fmt, out_url, "train-000001", META, latent_dtype=dtype) as w:
+    with make_writer(fmt, out_url, "train-000001", META, latent_dtype=dtype, columns=COLUMNS) as w:
         for r in records:
             w.add(r)
         stats = w.commit()
@@ -90,7 +93,7 @@ def test_round_trip_mixed_shapes(out_url: str, fmt: str, dtype: str) -> None:
         assert meta["crop_top_left"] == r.crop_top_left
         assert meta["target_size"] == r.target_size
         assert meta["shard"] == "train-000001"
-        assert meta["shard_metadata"] == {**META, "schema_version": "1", "format": fmt,
+        assert meta["shard_metadata"] == {**META, "schema_version": "2", "format": fmt,
                                           "storage_dtype": dtype, "shard": "train-000001"}
     # extras: text as str, binary as bytes, absent where the sample lacked the member
     assert got[0][2]["extras"] == {"txt": "a cat 🐈", "cls": "3"}
@@ -102,7 +105,7 @@ def test_round_trip_mixed_shapes(out_url: str, fmt: str, dtype: str) -> None:
 
 @pytest.mark.parametrize("dtype,value_type", [("float16", pa.float16()), ("float32", pa.float32())])
 def test_parquet_schema(tmp_path, dtype: str, value_type: pa.DataType) -> None:
-    with make_writer("parquet", str(tmp_path), "s", META, latent_dtype=dtype) as w:
+    with make_writer("parquet", str(tmp_path), "s", META, latent_dtype=dtype, columns=COLUMNS) as w:
         for r in mixed_records():
             w.add(r)
         stats = w.commit()
@@ -160,8 +163,8 @@ class FailingMoveFS(LocalFileSystem):
 class FailingUploadFile(LocalFileOpener):
     """A file that fails when closed, after its data was written, as a failed upload does."""
 
-    def __exit__(self, *exc_info) -> None:
-        super().__exit__(*exc_info)
+    def close(self) -> None:
+        super().close()
         raise OSError(f"simulated: upload of {self.path} failed")
 
 
@@ -220,7 +223,7 @@ def test_retry_replaces_the_final_file(tmp_path, fmt: str) -> None:
 
 
 def test_add_rejects_bad_records_and_keeps_the_shard(tmp_path) -> None:
-    w = make_writer("parquet", str(tmp_path), "s1", META)
+    w = make_writer("parquet", str(tmp_path), "s1", META, columns=("txt",))
     w.add(record("ok"))
     nan = record("nan")
     nan.latent[0, 0, 0] = np.nan
@@ -233,7 +236,7 @@ def test_add_rejects_bad_records_and_keeps_the_shard(tmp_path) -> None:
         "non-finite": nan,
         "max \\|x\\| = 1e\\+06": huge,
         "expected \\(4, 8, 8\\)": bad_shape,
-        "not allowed": record("r", extras={"latent": b"x"}),
+        "not one of this job's passthrough columns": record("r", extras={"latent": b"x"}),
         "not UTF-8": record("u", extras={"txt": b"\xff\xfe"}),
         "both be given": LatentRecord("f", np.zeros((4, 2, 2)), np.zeros((4, 2, 2)), (16, 16), (0, 0), (16, 16),
                                       latent_flip=np.zeros((4, 2, 2))),
@@ -256,3 +259,71 @@ def test_bad_arguments_name_the_value(tmp_path) -> None:
         make_writer("parquet", str(tmp_path), "_x", META)
     with pytest.raises(ValueError, match="set by the writer"):
         make_writer("parquet", str(tmp_path), "s1", {"format": "safetensors"})
+    with pytest.raises(ValueError, match=r"passthrough columns \['latent'\] are not allowed"):
+        make_writer("parquet", str(tmp_path), "s1", META, columns=("txt", "latent"))
+
+
+def test_every_shard_of_a_job_has_one_schema(tmp_path) -> None:
+    """A shard whose samples all failed, or lack a member, still has the job's columns, so
+    pandas reading the folder keeps the caption column."""
+    with make_writer("parquet", str(tmp_path), "empty", META, columns=("json", "txt")) as w:
+        empty = w.commit()
+    with make_writer("parquet", str(tmp_path), "full", META, columns=("json", "txt")) as w:
+        w.add(record("a", extras={"txt": b"a cat"}))
+        full = w.commit()
+    assert pq.read_schema(empty.path).names == pq.read_schema(full.path).names
+    import pandas as pd
+
+    df = pd.read_parquet(str(tmp_path))
+    assert df["txt"].tolist() == ["a cat"] and df["json"].isna().all()
+
+
+def test_parquet_streams_row_groups_before_commit(tmp_path, monkeypatch) -> None:
+    """Row groups go to the temp file as they fill: nothing waits in memory for commit()."""
+    monkeypatch.setattr(latent_writers, "ROW_GROUP_BYTES", 4096)
+    w = make_writer("parquet", str(tmp_path), "s", META, latent_dtype="float32", columns=("txt",))
+    for i in range(40):
+        w.add(record(f"k{i:02d}", seed=i, extras={"txt": b"t" * 500}))
+    tmp_files = list((tmp_path / ".latentcache" / "tmp").iterdir())
+    assert len(tmp_files) == 1 and tmp_files[0].stat().st_size > 40 * 4 * 8 * 8 * 4  # the data is out already
+    assert len(w._buffer) < 40
+    stats = w.commit()
+    meta = pq.ParquetFile(stats.path).metadata
+    assert meta.num_rows == 40 and meta.num_row_groups > 5
+    assert [k for k, _, _ in read_latents(stats.path)] == [f"k{i:02d}" for i in range(40)]
+
+
+def test_safetensors_spools_tensors_and_stores_binary_members_as_tensors(tmp_path) -> None:
+    import safetensors
+
+    w = make_writer("safetensors", str(tmp_path), "s", META, latent_dtype="float16", columns=COLUMNS)
+    records = mixed_records() + [record("d", extras={"jpg": b""})]
+    for r in records:
+        w.add(r)
+    assert w._spool.tell() > sum(r.latent.nbytes for r in records) // 2  # tensor bytes are on disk
+    stats = w.commit()
+    with safetensors.safe_open(str(tmp_path / "s.safetensors"), framework="numpy") as f:  # the library accepts it
+        assert f.get_tensor("extras.jpg.000001").tobytes() == b"\xff\xd8\x00binary"
+        assert f.get_tensor("extras.jpg.000003").shape == (0,)
+        assert "extras.txt.000000" not in f.keys()  # text members stay in the samples JSON
+    got = {k: m["extras"] for k, _, m in read_latents(stats.path)}
+    assert got["b"] == {"txt": "a dog", "jpg": b"\xff\xd8\x00binary"} and got["d"] == {"jpg": b""}
+    assert not w._tensors and w._spool.closed
+
+
+def test_schema_1_safetensors_with_base64_members_is_still_read(tmp_path) -> None:
+    import base64
+
+    import safetensors.numpy
+
+    z = np.ones((4, 2, 2), dtype=np.float16)
+    samples = [{"index": 0, "key": "a", "original_size": [16, 16], "crop_top_left": [0, 0], "target_size": [16, 16],
+                "latent_shape": [4, 2, 2], "flip": False,
+                "extras": {"txt": "a cat", "jpg": base64.b64encode(b"\x00\x01").decode()}}]
+    meta = {**META, "schema_version": "1", "format": "safetensors", "storage_dtype": "float16", "shard": "old"}
+    path = tmp_path / "old.safetensors"
+    path.write_bytes(safetensors.numpy.save({"latent.000000": z, "logvar.000000": z},
+                                            metadata={"latentcache": json.dumps(meta), "samples": json.dumps(samples)}))
+    (key, latent, m), = read_latents(str(path))
+    assert key == "a" and m["extras"] == {"txt": "a cat", "jpg": b"\x00\x01"}
+    np.testing.assert_array_equal(latent, z)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -18,7 +19,8 @@ import torch
 from .codec import CodecStats, Moments, NonFiniteError, VAECodec, resolve_device
 from .model import AutoencoderKL, DiagonalGaussian, VAEArchitecture
 from .presets import PRESETS, VAEPreset, check_against_config, get_preset, preset_from_diffusers_config
-from .weights import WeightsError, fingerprint, load_into, read_state_dict, resolve_source, to_model_layout
+from .weights import (WeightsError, fingerprint, fingerprint_state, load_into, read_state_dict, resolve_source,
+                      to_model_layout)
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +28,8 @@ RANDOM_PREFIX = "random:"
 
 __all__ = [
     "AutoencoderKL", "CodecStats", "DiagonalGaussian", "Moments", "NonFiniteError", "PRESETS",
-    "VAEArchitecture", "VAECodec", "VAEPreset", "WeightsError", "build_model", "get_preset", "load_vae",
+    "VAEArchitecture", "VAECodec", "VAEInfo", "VAEPreset", "WeightsError", "build_model", "get_preset",
+    "inspect_vae", "load_vae",
 ]
 
 
@@ -53,6 +56,44 @@ def _pick_preset(preset: str | None, config: Mapping[str, Any] | None, source: s
                        f"{sorted(PRESETS)}")
 
 
+@dataclass(frozen=True)
+class VAEInfo:
+    """What a VAE is, known without building it on a device: its fingerprint and preset (scaling)."""
+
+    source: str
+    preset: VAEPreset
+    fingerprint: str
+    random_weights: bool
+
+
+def _random_preset(source: str, preset: str | None) -> VAEPreset:
+    named = source[len(RANDOM_PREFIX):]
+    if preset is not None and preset != named:
+        raise ValueError(f"source {source!r} names preset {named!r} but preset={preset!r} was given; "
+                         "drop one of them")
+    return get_preset(named)
+
+
+def _read_weights(source: str, preset: str | None,
+                  storage_options: Mapping[str, Any] | None) -> tuple[VAEPreset, dict[str, torch.Tensor], str]:
+    """The preset and the state dict in the model's layout, for a source that is not random."""
+    resolved = resolve_source(source, storage_options)
+    chosen = _pick_preset(preset, resolved.config, source)
+    state = read_state_dict(resolved.weights_url, storage_options)
+    return chosen, to_model_layout(state, len(chosen.arch.block_out_channels)), resolved.weights_url
+
+
+def inspect_vae(source: str, preset: str | None = None, *, seed: int = 0,
+                storage_options: Mapping[str, Any] | None = None) -> VAEInfo:
+    """The fingerprint and preset `load_vae` would give, from the weights file alone (no device, no
+    model; random weights are built on the CPU, since their fingerprint is that of the model)."""
+    if source.startswith(RANDOM_PREFIX):
+        chosen = _random_preset(source, preset)
+        return VAEInfo(source, chosen, f"random-{fingerprint(build_model(chosen, seed=seed))}", True)
+    chosen, state, _ = _read_weights(source, preset, storage_options)
+    return VAEInfo(source, chosen, fingerprint_state(state), False)
+
+
 def load_vae(
     source: str,
     preset: str | None = None,
@@ -74,19 +115,13 @@ def load_vae(
     """
     random_weights = source.startswith(RANDOM_PREFIX)
     if random_weights:
-        named = source[len(RANDOM_PREFIX):]
-        if preset is not None and preset != named:
-            raise ValueError(f"source {source!r} names preset {named!r} but preset={preset!r} was given; "
-                             "drop one of them")
-        chosen = get_preset(named)
+        chosen = _random_preset(source, preset)
         model = build_model(chosen, seed=seed)
         log.warning("VAE %s has RANDOM WEIGHTS (seed %d): latents are for tests and demos only", source, seed)
     else:
-        resolved = resolve_source(source, storage_options)
-        chosen = _pick_preset(preset, resolved.config, source)
-        state = read_state_dict(resolved.weights_url, storage_options)
+        chosen, state, weights_url = _read_weights(source, preset, storage_options)
         model = AutoencoderKL(chosen.arch)
-        load_into(model, to_model_layout(state, len(chosen.arch.block_out_channels)), source=resolved.weights_url)
+        load_into(model, state, source=weights_url)
     fp = fingerprint(model)
     return VAECodec(
         model,

@@ -257,8 +257,13 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: st
 
 def fingerprint(model: nn.Module) -> str:
     """A stable hash of the weights: same tensors in any layout or file dtype-upcast -> same value."""
+    return fingerprint_state(model.state_dict())
+
+
+def fingerprint_state(state: Mapping[str, torch.Tensor]) -> str:
+    """`fingerprint` of a state dict in the model's layout (see `to_model_layout`), without a model."""
     h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(state.items()):
         t = tensor.detach().to("cpu", torch.float32).contiguous()
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())

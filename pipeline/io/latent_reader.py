@@ -13,9 +13,10 @@ holds:
     shard_metadata    the shard's metadata dict (VAE fingerprint, preset, scaling, ...)
     logvar, logvar_flip   only with `with_logvar=True`
 
-For a folder with a job manifest, only committed shards are read (see pipeline.ledger), in name
-order. A folder without a manifest (e.g. shards copied elsewhere) yields every `*.parquet` and
-`*.safetensors` file not starting with `_`; files under final names are whole by construction.
+For a folder with a job manifest (either layout, see pipeline.core.layout), only committed shards
+are read (see pipeline.core.ledger), in name order. A folder without a manifest (e.g. shards copied
+elsewhere) yields every `*.parquet` and `*.safetensors` file not starting with `_` or `.`; files
+under final names are whole by construction.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import base64
 import json
 import logging
 import posixpath
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -33,9 +34,11 @@ import safetensors.numpy
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.ledger import MANIFEST, Ledger
-from pipeline.writers import (LATENT_COLUMNS, METADATA_KEY, RESERVED_COLUMNS, SIZE_COLUMNS, WRITERS,
-                              is_text_extension, join, output_fs)
+from pipeline.core.layout import is_reserved
+from pipeline.core.storage import join, output_fs
+from pipeline.core.ledger import Ledger
+from pipeline.io.latent_writers import (LATENT_COLUMNS, METADATA_KEY, RESERVED_COLUMNS, SIZE_COLUMNS, WRITERS,
+                              is_text_extension)
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +50,18 @@ def _format_of(path: str) -> str | None:
     return _EXTENSIONS.get(path.rsplit(".", 1)[-1]) if "." in posixpath.basename(path) else None
 
 
+def is_shard_file(url: str) -> bool:
+    """Whether `url` names a latent shard file (by its extension) rather than a folder."""
+    return _format_of(url.rstrip("/")) is not None
+
+
 def _shard_metadata(raw: str | bytes | None, where: str) -> dict[str, str]:
     if raw is None:
         raise ValueError(f"{where} is not a latentcache shard: no {METADATA_KEY!r} metadata")
-    data = json.loads(raw)
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{where}: the {METADATA_KEY!r} metadata is not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{where}: {METADATA_KEY!r} metadata is {type(data).__name__}; expected a JSON object")
     return data
@@ -116,51 +127,94 @@ def _read_parquet(fs: AbstractFileSystem, path: str, name: str, with_logvar: boo
                 yield key, arrays["latent"][i], meta
 
 
+_NP_DTYPES = {"F16": np.float16, "F32": np.float32, "U8": np.uint8}
+
+
 def _read_safetensors(fs: AbstractFileSystem, path: str, name: str, with_logvar: bool) -> Iterator[tuple[str, np.ndarray, dict]]:
     where = fs.unstrip_protocol(path)
     if isinstance(fs, LocalFileSystem):  # memory-mapped, tensors loaded one at a time
-        handle = safetensors.safe_open(path, framework="numpy")
-        header_meta = handle.metadata() or {}
-        get = handle.get_tensor
-    else:
-        raw = fs.cat_file(path)
-        size = int.from_bytes(raw[:8], "little")
-        header_meta = json.loads(raw[8:8 + size]).get("__metadata__", {})
-        get = safetensors.numpy.load(raw).__getitem__
+        with safetensors.safe_open(path, framework="numpy") as handle:
+            yield from _safetensors_samples(handle.metadata() or {}, handle.get_tensor, where, name, with_logvar)
+        return
+    # Remote: the header, then each tensor by its offsets, in file order (read ahead by fsspec's
+    # cache), so a shard is streamed rather than held whole.
+    with fs.open(path, "rb", cache_type="readahead", block_size=8 * 2**20) as f:
+        size = int.from_bytes(f.read(8), "little")
+        if not 0 < size <= 100 * 2**20:
+            raise ValueError(f"{where}: safetensors header length {size} is out of range")
+        header = json.loads(f.read(size))
+        base = 8 + size
+
+        def get(tensor: str) -> np.ndarray:
+            entry = header[tensor]
+            start, end = entry["data_offsets"]
+            f.seek(base + start)
+            raw = f.read(end - start)
+            if len(raw) != end - start:
+                raise ValueError(f"{where}: tensor {tensor} is cut short ({len(raw)} of {end - start} bytes)")
+            return np.frombuffer(raw, dtype=_NP_DTYPES[entry["dtype"]]).reshape(entry["shape"]).copy()
+
+        yield from _safetensors_samples(header.get("__metadata__", {}), get, where, name, with_logvar)
+
+
+def _safetensors_samples(header_meta: Mapping[str, str], get: Any, where: str, name: str,
+                         with_logvar: bool) -> Iterator[tuple[str, np.ndarray, dict]]:
     shard_meta = _shard_metadata(header_meta.get(METADATA_KEY), where)
     if "samples" not in header_meta:
         raise ValueError(f"{where}: no 'samples' metadata; expected the per-sample JSON list")
     for s in json.loads(header_meta["samples"]):
         suffix = f"{s['index']:06d}"
+        # In the order the writer laid the tensors out, so a remote read only moves forward.
+        latent = get(f"latent.{suffix}")
+        logvar = get(f"logvar.{suffix}") if with_logvar else None
+        latent_flip = get(f"latent_flip.{suffix}") if s["flip"] else None
+        logvar_flip = get(f"logvar_flip.{suffix}") if s["flip"] and with_logvar else None
+        extras = {e: (v if is_text_extension(e) else base64.b64decode(v))  # schema 1 kept binary as base64
+                  for e, v in s["extras"].items()}
+        extras.update({e: get(f"extras.{e}.{suffix}").tobytes() for e in s.get("binary_extras", ())})
         meta: dict[str, Any] = {
             "shard": name,
             "original_size": tuple(s["original_size"]),
             "crop_top_left": tuple(s["crop_top_left"]),
             "target_size": tuple(s["target_size"]),
-            "latent_flip": get(f"latent_flip.{suffix}") if s["flip"] else None,
-            "extras": {e: (v if is_text_extension(e) else base64.b64decode(v)) for e, v in s["extras"].items()},
+            "latent_flip": latent_flip,
+            "extras": extras,
             "shard_metadata": shard_meta,
         }
         if with_logvar:
-            meta["logvar"] = get(f"logvar.{suffix}")
-            meta["logvar_flip"] = get(f"logvar_flip.{suffix}") if s["flip"] else None
-        yield s["key"], get(f"latent.{suffix}"), meta
+            meta["logvar"], meta["logvar_flip"] = logvar, logvar_flip
+        yield s["key"], latent, meta
 
 
 def _shard_files(fs: AbstractFileSystem, root: str, url: str, storage_options: Mapping[str, Any] | None) -> list[str]:
     """The data files of a folder: committed shards when it has a manifest, else every data file."""
-    fs.invalidate_cache(join(root, MANIFEST))
-    if fs.exists(join(root, MANIFEST)):
-        return [join(root, r.data_file) for r in Ledger(url, storage_options).job_records()]
+    ledger = Ledger(url, storage_options)
+    manifest = ledger.read_manifest()
+    if manifest is not None:
+        if manifest.get("kind", "encode") != "encode":
+            raise ValueError(f"{url} holds the output of a {manifest['kind']!r} job, not latent shards; "
+                             "expected the output folder of an encode job")
+        return [join(root, r.data_file) for r in ledger.job_records()]
     fs.invalidate_cache(root)
     try:
         entries = fs.ls(root, detail=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"no latent shards at {url}: the folder does not exist") from None
     files = sorted(e["name"] for e in entries if e["type"] == "file"
-                   and not posixpath.basename(e["name"]).startswith("_") and _format_of(e["name"]))
-    logger.info("%s has no %s; reading all %d data files", url, MANIFEST, len(files))
+                   and not is_reserved(posixpath.basename(e["name"])) and _format_of(e["name"]))
+    logger.info("%s has no latentcache manifest; reading all %d data files", url, len(files))
     return files
+
+
+def shard_urls(url: str | Sequence[str], storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """The latent shard files behind `url`, as full URLs: the committed shards of an output folder
+    (every data file of a folder without a job manifest), a shard file itself, or for a list of
+    URLs, each of them expanded so, in the order given."""
+    if not isinstance(url, str):
+        return [u for one in url for u in shard_urls(one, storage_options)]
+    fs, path = output_fs(url, storage_options)
+    files = [path] if _format_of(path) else _shard_files(fs, path, url, storage_options)
+    return [fs.unstrip_protocol(f) if "://" in url else f for f in files]
 
 
 def read_latents(url: str, storage_options: Mapping[str, Any] | None = None, *,
@@ -174,4 +228,4 @@ def read_latents(url: str, storage_options: Mapping[str, Any] | None = None, *,
         yield from reader(fs, file, name, with_logvar)
 
 
-__all__ = ["read_latents", "read_shard_metadata"]
+__all__ = ["is_shard_file", "read_latents", "read_shard_metadata", "shard_urls"]

@@ -33,7 +33,7 @@ import fsspec
 from webdataset.tariterators import base_plus_ext, group_by_keys, meta_prefix, meta_suffix
 
 from pipeline.samples import RawSample, SampleError
-from pipeline.shards import shard_name
+from pipeline.io.shards import shard_name
 
 # webdataset's tar_file_iterator skips these members (shard-level metadata such as __index__).
 _SKIP_META = re.compile(r"__[^/]*__($|/)")

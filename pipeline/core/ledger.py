@@ -1,23 +1,26 @@
 """What "committed" means for one output folder (a local path or any fsspec URL).
 
-Layout of an output folder; latentcache owns every name starting with `_` and the data files it
-wrote:
+The folder's layout is in `pipeline.core.layout`: data files at the top, everything else under
+`.latentcache/`. latentcache owns that folder and the data files its records name.
 
-    _latentcache.json        job manifest, written at job start: `identity` (VAE fingerprint, preset,
-                             scaling/shift, preprocessing, format, latent_dtype), `identity_hash`,
-                             `code_version`, `shards` (name -> input URL), `total_shards`,
-                             `created` (first start) and `updated` (latest start), ISO 8601 UTC
-    <name>.parquet|.safetensors   one data file per input shard (see pipeline.writers)
-    _records/<name>.json     per-shard record, written only AFTER its data file: name, input_url,
-                             data_file, samples_read, samples_written, errors (SampleError dicts),
-                             bytes, sha256, identity_hash, attempt, seconds, committed_at
-    _errors.parquet          the job's sample errors (key, shard, stage, reason), written at the end
-    _SUCCESS                 JSON summary, written only when every shard of the manifest is committed
-    _tmp/                    temp files of in-flight writes; cleared at job start
+    manifest.json   written at job start: `kind` (encode, decode, ...), `identity` (what every
+                    shard must agree on: VAE fingerprint, scaling, preprocessing, format, ...),
+                    `identity_hash`, `data_extension`, `code_version`, `shards` (name -> input
+                    URL), `total_shards`, `created` (first start) and `updated` (latest start),
+                    ISO 8601 UTC, plus what the job kind adds (`provenance`: the VAE's source...)
+    records/<name>.json   per-shard record, written only AFTER its data file: name, input_url,
+                    data_file, samples_read, samples_written, errors (SampleError dicts), bytes,
+                    sha256, identity_hash, attempt, seconds, committed_at, counters
+    errors.parquet  the job's sample errors (key, shard, stage, reason), written at the end
+    SUCCESS         JSON summary, written only when every shard of the manifest is committed
+    tmp/            temp files of in-flight writes; cleared at job start
 
 A shard is committed when its record exists, parses, carries this job's identity hash, and its data
 file exists with the recorded size (and sha256, when asked). This is checked, never assumed: a
 record whose data is missing or wrong counts as not committed, and the shard is redone.
+
+Folders written by latentcache 0.1 (bookkeeping at the top level, see `layout.LEGACY`) are read as
+they are; a job is never resumed into one (`--overwrite` replaces it).
 
 Readers on other machines (`latentcache status`) only need the URL: `Ledger(url).progress()`.
 fsspec caches listings per filesystem instance, and other processes write here, so every check
@@ -38,20 +41,17 @@ from typing import Any, Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import EncodeConfig, to_dict
+from pipeline.core.layout import CURRENT, LEGACY, Layout
+from pipeline.core.sink import ShardStats
+from pipeline.core.storage import join, output_fs, write_atomically, write_bytes_atomically
 from pipeline.samples import SampleError
-from pipeline.writers import (METADATA_KEY, WRITERS, ShardStats, join, output_fs,
-                              write_atomically, write_bytes_atomically)
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "_latentcache.json"
-RECORDS_DIR = "_records"
-ERRORS_TABLE = "_errors.parquet"
-SUCCESS = "_SUCCESS"
-TMP_DIR = "_tmp"
-MANIFEST_VERSION = 1
-_DATA_EXTENSIONS = tuple(cls.extension for cls in WRITERS.values())
+METADATA_KEY = "latentcache"
+MANIFEST_VERSION = 2
+_LEGACY_MANIFEST_VERSION = 1
+_LEGACY_DATA_EXTENSIONS = ("parquet", "safetensors")
 _ERROR_FIELDS = tuple(f.name for f in dataclasses.fields(SampleError))
 _ERRORS_SCHEMA = pa.schema([pa.field(n, pa.string(), nullable=False) for n in _ERROR_FIELDS])
 
@@ -77,18 +77,12 @@ def identity_hash(identity: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def job_identity(config: EncodeConfig, *, fingerprint: str, preset: str, scaling_factor: float,
-                 shift_factor: float) -> dict[str, Any]:
-    """Everything that changes the bytes of a latent shard; a resumed job must match it exactly."""
-    return {"fingerprint": fingerprint, "preset": preset, "scaling_factor": float(scaling_factor),
-            "shift_factor": float(shift_factor), "preprocess": to_dict(config.preprocess),
-            "format": config.format, "latent_dtype": config.latent_dtype}
-
-
-def build_manifest(*, identity: Mapping[str, Any], shards: Mapping[str, str], code_version: str,
-                   **extra: Any) -> dict[str, Any]:
-    """A manifest for `Ledger.open_job`: identity, input shards (name -> URL), code version, extras."""
-    return {**extra, "identity": dict(identity), "shards": dict(shards), "code_version": code_version}
+def build_manifest(*, kind: str, identity: Mapping[str, Any], shards: Mapping[str, str], data_extension: str,
+                   code_version: str, **extra: Any) -> dict[str, Any]:
+    """A manifest for `Ledger.open_job`: job kind, identity, input shards (name -> URL), the data
+    files' extension, code version, and what the job kind adds (`provenance`, ...)."""
+    return {**extra, "kind": kind, "identity": dict(identity), "shards": dict(shards),
+            "data_extension": data_extension, "code_version": code_version}
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -124,16 +118,17 @@ class ShardRecord:
     attempt: int = 1
     seconds: float = 0.0
     committed_at: str = ""
+    counters: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_stats(cls, stats: ShardStats, *, input_url: str, samples_read: int,
                    errors: list[SampleError] | tuple[SampleError, ...], identity_hash: str,
-                   attempt: int = 1, seconds: float = 0.0) -> ShardRecord:
+                   attempt: int = 1, seconds: float = 0.0, counters: Mapping[str, int] | None = None) -> ShardRecord:
         """The record for a shard that a writer just committed."""
         return cls(name=stats.name, input_url=input_url, data_file=posixpath.basename(stats.path),
                    samples_read=samples_read, samples_written=stats.samples, errors=tuple(errors),
                    bytes=stats.bytes, sha256=stats.sha256, identity_hash=identity_hash,
-                   attempt=attempt, seconds=seconds)
+                   attempt=attempt, seconds=seconds, counters=dict(counters or {}))
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -159,6 +154,10 @@ class ShardRecord:
         for k, t in types.items():
             if k in data and (not isinstance(data[k], t) or isinstance(data[k], bool)):
                 raise LedgerError(f"{where}: {k}={data[k]!r} has the wrong type; expected {t}")
+        counters = data.get("counters", {})
+        if not isinstance(counters, dict) or not all(isinstance(k, str) and isinstance(v, int)
+                                                     and not isinstance(v, bool) for k, v in counters.items()):
+            raise LedgerError(f"{where}: counters={counters!r} must map names to integers")
         errors = data["errors"]
         if not isinstance(errors, list):
             raise LedgerError(f"{where}: errors={errors!r} must be a list of SampleError objects")
@@ -167,7 +166,7 @@ class ShardRecord:
                            for e in errors)
         except (TypeError, KeyError) as e:
             raise LedgerError(f"{where}: an error entry lacks {e}; expected key, shard, stage, reason") from None
-        if posixpath.basename(data["data_file"]) != data["data_file"] or data["data_file"].startswith("_"):
+        if posixpath.basename(data["data_file"]) != data["data_file"] or data["data_file"].startswith(("_", ".")):
             raise LedgerError(f"{where}: data_file={data['data_file']!r} must be a file name in the output folder")
         return cls(**{**data, "errors": parsed, "seconds": float(data.get("seconds", 0.0))})
 
@@ -197,14 +196,35 @@ class Ledger:
         self.fs, self.root = output_fs(output_url, storage_options)
         self.url = self.fs.unstrip_protocol(self.root)
         self._manifest: dict[str, Any] | None = None
+        self.layout: Layout = CURRENT
+        if not self._exists(CURRENT.manifest) and self._exists(LEGACY.manifest):
+            self.layout = LEGACY
 
     # --- paths and small I/O -----------------------------------------------------------------
+
+    def _exists(self, rel: str) -> bool:
+        path = self._path(rel)
+        self.fs.invalidate_cache(path)
+        return self.fs.exists(path)
+
+    @property
+    def legacy(self) -> bool:
+        """Whether this folder was written by latentcache 0.1 (bookkeeping at the top level)."""
+        return self.layout is LEGACY
 
     def _path(self, *parts: str) -> str:
         return join(self.root, *parts)
 
+    def path_of(self, what: str) -> str:
+        """The full URL of a bookkeeping file: `manifest`, `records`, `errors`, `success` or `tmp`."""
+        return self.fs.unstrip_protocol(self._path(getattr(self.layout, what)))
+
     def _record_path(self, name: str) -> str:
-        return self._path(RECORDS_DIR, f"{name}.json")
+        return self._path(self.layout.records, f"{name}.json")
+
+    @property
+    def _tmp(self) -> str:
+        return self._path(self.layout.tmp)
 
     def _ls(self, path: str) -> list[dict[str, Any]]:
         """Entries of a folder, [] when it does not exist (a valid state: nothing written yet)."""
@@ -242,7 +262,7 @@ class Ledger:
         return out
 
     def _write_json(self, path: str, data: Any) -> None:
-        write_bytes_atomically(self.fs, self.root, path, json.dumps(data, indent=1, sort_keys=True).encode())
+        write_bytes_atomically(self.fs, self._tmp, path, json.dumps(data, indent=1, sort_keys=True).encode())
 
     def _rm(self, paths: list[str]) -> None:
         if paths:
@@ -266,7 +286,7 @@ class Ledger:
 
     def read_manifest(self) -> dict[str, Any] | None:
         """The job manifest, or None when the folder has none; raises LedgerError when malformed."""
-        path = self._path(MANIFEST)
+        path = self._path(self.layout.manifest)
         data = self._read_json(path)
         if data is None:
             return None
@@ -275,16 +295,19 @@ class Ledger:
                 or not isinstance(data.get("shards"), dict) or not isinstance(data.get("identity_hash"), str):
             raise LedgerError(f"{where}: not a latentcache manifest; expected an object with "
                               "identity, identity_hash and shards")
-        if data.get("version") != MANIFEST_VERSION:
+        expected = _LEGACY_MANIFEST_VERSION if self.legacy else MANIFEST_VERSION
+        if data.get("version") != expected:
             raise LedgerError(f"{where}: manifest version {data.get('version')!r} is not supported; "
-                              f"expected {MANIFEST_VERSION}")
+                              f"expected {expected}")
+        if self.legacy:  # 0.1 wrote encode jobs only, with these names
+            data = {**data, "kind": "encode", "data_extension": data["identity"].get("format", "parquet")}
         return data
 
     def _job(self) -> dict[str, Any]:
         if self._manifest is None:
             self._manifest = self.read_manifest()
         if self._manifest is None:
-            raise LedgerError(f"no latentcache job at {self.url} ({MANIFEST} is missing)")
+            raise LedgerError(f"no latentcache job at {self.url} ({self.layout.manifest} is missing)")
         return self._manifest
 
     @property
@@ -297,18 +320,27 @@ class Ledger:
         """The job's input shards, name -> input URL."""
         return dict(self._job()["shards"])
 
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """The job's manifest (read once; raises LedgerError when the folder has no job)."""
+        return dict(self._job())
+
     def open_job(self, manifest: Mapping[str, Any], *, overwrite: bool) -> None:
         """Start or resume the job described by `manifest` (see `build_manifest`) in this folder.
 
-        Refuses a folder holding a job of another identity unless `overwrite`, which removes the
-        files latentcache owns there first. Always removes a stale _SUCCESS and leftover temp files.
+        Refuses a folder holding a job of another identity, or written by latentcache 0.1, unless
+        `overwrite`, which first removes the files latentcache wrote there. Always removes a stale
+        SUCCESS and leftover temp files.
         """
         identity, shards = manifest.get("identity"), manifest.get("shards")
         if not isinstance(identity, Mapping) or not identity:
-            raise ValueError(f"manifest identity={identity!r} must be a non-empty mapping (see job_identity)")
+            raise ValueError(f"manifest identity={identity!r} must be a non-empty mapping")
         if not isinstance(shards, Mapping) or not all(isinstance(k, str) and isinstance(v, str)
                                                       for k, v in shards.items()):
             raise ValueError("manifest shards must map shard name (str) to input URL (str)")
+        for key in ("kind", "data_extension"):
+            if not isinstance(manifest.get(key), str) or not manifest[key]:
+                raise ValueError(f"manifest {key}={manifest.get(key)!r} must be a non-empty string")
         bad = sorted(n for n in shards if not n or n[0] in "_." or "/" in n)
         if bad:
             raise ValueError(f"shard names {bad[:5]} are not allowed; expected file stems without '/' "
@@ -319,48 +351,57 @@ class Ledger:
             if not overwrite:
                 raise LedgerError(f"{e}; use --overwrite to replace the output at {self.url}") from e
             old = None
+        if old is not None and self.legacy and not overwrite:
+            raise IncompatibleOutputError(
+                f"output {self.url} was written by latentcache 0.1 (its bookkeeping is at the top level: "
+                f"{LEGACY.manifest}); it can still be read, but a job is not resumed into it: use --overwrite "
+                "to replace it, or choose another output")
         new_hash = identity_hash(identity)
         if old is not None and old["identity_hash"] != new_hash and not overwrite:
             diffs = identity_differences(old["identity"], identity) or ["identity_hash differs"]
             raise IncompatibleOutputError(
-                f"output {self.url} holds latents of a different job: {'; '.join(diffs)}; "
-                "use --overwrite to replace them, or choose another output")
-        self._rm_if_exists(self._path(SUCCESS))
+                f"output {self.url} holds the output of a different job: {'; '.join(diffs)}; "
+                "use --overwrite to replace it, or choose another output")
+        self._rm_if_exists(self._path(self.layout.success))
         if overwrite:
-            self._wipe(old, shards)
+            self._wipe(old)
         self.cleanup_tmp()
         now = _now()
         resumed = old is not None and old["identity_hash"] == new_hash and not overwrite
         data = {**manifest, "version": MANIFEST_VERSION, "identity": dict(identity), "identity_hash": new_hash,
                 "shards": dict(shards), "total_shards": len(shards),
                 "created": old.get("created", now) if resumed else now, "updated": now}
-        self._write_json(self._path(MANIFEST), data)
+        self._write_json(self._path(self.layout.manifest), data)
         self._manifest = data
 
-    def _wipe(self, old: Mapping[str, Any] | None, new_shards: Mapping[str, str]) -> None:
-        """Remove what latentcache owns here: marker, records, errors, temp files, manifest, data."""
-        names = set(new_shards) | set(old["shards"] if old else ())
-        data_files = {f"{n}.{ext}" for n in names for ext in _DATA_EXTENSIONS}
-        records = [e["name"] for e in self._ls(self._path(RECORDS_DIR)) if e["type"] == "file"]
+    def _wipe(self, old: Mapping[str, Any] | None) -> None:
+        """Remove what latentcache wrote here: marker, records, errors, temp files, manifest, and the
+        data files that the old manifest or a record names. Nothing else is touched."""
+        data_files: set[str] = set()
+        if old is not None:
+            data_files = {f"{n}.{old['data_extension']}" for n in old["shards"]}
+        records = [e["name"] for e in self._ls(self._path(self.layout.records)) if e["type"] == "file"]
         for path, raw in self._cat_many(records).items():
             try:
                 data_files.add(ShardRecord.from_dict(json.loads(raw), where=path).data_file)
-            except (LedgerError, ValueError) as e:  # its data file is still covered by the names above
+            except (LedgerError, ValueError) as e:  # its data file is still covered by the manifest's names
                 logger.warning("overwrite: ignoring unreadable record %s: %s", path, e)
         present = {posixpath.basename(e["name"]): e["name"] for e in self._ls(self.root) if e["type"] == "file"}
         # Marker and records first: a crash mid-wipe leaves data without records, i.e. uncommitted.
-        self._rm([present[n] for n in (SUCCESS, ERRORS_TABLE) if n in present])
+        for rel in (self.layout.success, self.layout.errors):
+            self._rm_if_exists(self._path(rel))
         self._rm(records)
         self._rm([present[f] for f in sorted(data_files) if f in present])
         self.cleanup_tmp()
-        self._rm([present[MANIFEST]] if MANIFEST in present else [])
+        self._rm_if_exists(self._path(self.layout.manifest))
         self._manifest = None
+        self.layout = CURRENT  # a wiped 0.1 folder is rewritten in the current layout
 
     def cleanup_tmp(self) -> int:
         """Remove temp files left by a crashed run; returns how many. Call only when no writer runs."""
-        stale = [e["name"] for e in self._ls(self._path(TMP_DIR)) if e["type"] == "file"]
+        stale = [e["name"] for e in self._ls(self._tmp) if e["type"] == "file"]
         if stale:
-            logger.info("removing %d stale temp file(s) under %s", len(stale), self._path(TMP_DIR))
+            logger.info("removing %d stale temp file(s) under %s", len(stale), self._tmp)
         self._rm(stale)
         return len(stale)
 
@@ -429,14 +470,14 @@ class Ledger:
 
     def discard_all(self, names: set[str] | dict[str, str]) -> int:
         """`discard` for many shards: one listing and one bulk delete (a job may have 100k shards)."""
-        stale = [e["name"] for e in self._ls(self._path(RECORDS_DIR))
+        stale = [e["name"] for e in self._ls(self._path(self.layout.records))
                  if e["type"] == "file" and posixpath.basename(e["name"])[: -len(".json")] in names]
         self._rm(stale)
         return len(stale)
 
     def records(self) -> list[ShardRecord]:
         """The committed shards' records (any name), by name; two listings and one batched read."""
-        paths = sorted(e["name"] for e in self._ls(self._path(RECORDS_DIR))
+        paths = sorted(e["name"] for e in self._ls(self._path(self.layout.records))
                        if e["type"] == "file" and e["name"].endswith(".json"))
         if not paths:
             return []
@@ -468,7 +509,7 @@ class Ledger:
         errors = [e for r in self.job_records() for e in r.errors]
         table = pa.Table.from_pylist([e.to_dict() for e in errors], schema=_ERRORS_SCHEMA)
         table = table.replace_schema_metadata({METADATA_KEY: json.dumps({"identity_hash": self.identity_hash})})
-        write_atomically(self.fs, self.root, self._path(ERRORS_TABLE),
+        write_atomically(self.fs, self._tmp, self._path(self.layout.errors),
                          lambda f: pq.write_table(table, f, compression="zstd"))
         return len(errors)
 
@@ -487,7 +528,7 @@ class Ledger:
                  "committed_shards": p.committed_shards, "samples_read": p.samples_read,
                  "samples_written": p.samples_written, "samples_errored": p.samples_errored,
                  "finished": _now()}
-        self._write_json(self._path(SUCCESS), {**summary, **facts})
+        self._write_json(self._path(self.layout.success), {**summary, **facts})
 
     def _progress(self, records: list[ShardRecord], *, succeeded: bool) -> JobProgress:
         job = self._job()
@@ -508,12 +549,10 @@ class Ledger:
         """
         self._manifest = None  # another process may have restarted the job
         records = self.job_records() if records is None else records
-        self.fs.invalidate_cache(self._path(SUCCESS))
-        return self._progress(records, succeeded=self.fs.exists(self._path(SUCCESS)))
+        return self._progress(records, succeeded=self._exists(self.layout.success))
 
 
 __all__ = [
     "Ledger", "ShardRecord", "JobProgress", "LedgerError", "IncompatibleOutputError",
-    "identity_hash", "identity_differences", "job_identity", "build_manifest",
-    "MANIFEST", "RECORDS_DIR", "ERRORS_TABLE", "SUCCESS", "TMP_DIR",
+    "identity_hash", "identity_differences", "build_manifest", "METADATA_KEY",
 ]

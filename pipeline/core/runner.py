@@ -1,0 +1,258 @@
+"""The runner: plan the job, open its output, start the actor pool, run shards with retries,
+resume, report progress, and finish the output. One runner for every job kind.
+
+Order matters: the output is opened (identity check, what is committed) before any actor loads a
+model, so an incompatible output or a finished job is known at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from pipeline import __version__
+from pipeline.config import RunConfig
+from pipeline.core.kind import JobKind, JobPlan, PermanentShardError, PlanContext
+from pipeline.core.pool import ActorPool, PoolStartError, error_message
+from pipeline.core.scheduler import Scheduler, ShardResult, plan
+from pipeline.core.shard import JobActor
+from pipeline.core.ledger import Ledger, build_manifest
+
+log = logging.getLogger(__name__)
+
+# Forwarded to actors so that workers reach the same object store as the driver.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                 "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "HF_HUB_OFFLINE",
+                 "HF_HOME", "HF_HUB_CACHE")
+
+# Shards in flight per actor: the next shard's reading and decoding overlap this one's model steps.
+SHARDS_PER_ACTOR = 2
+
+
+class JobError(RuntimeError):
+    """The job stopped: shards failed for good, too many samples failed, or no actor could start."""
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    """What one run of a job did. `counters` are the job kind's own, summed over this run's shards."""
+
+    kind: str
+    output: str
+    total_shards: int
+    skipped_shards: int
+    processed_shards: int
+    samples_read: int
+    samples_written: int
+    samples_errored: int
+    seconds: float
+    steady_seconds: float
+    random_weights: bool
+    counters: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float:
+        """Over the whole run, start-up (listing, actors loading the model) included."""
+        return self.samples_read / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def steady_images_per_second(self) -> float:
+        """From the moment the first actor had its model loaded to the end: what a long job sees."""
+        return self.samples_read / self.steady_seconds if self.steady_seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "counters": dict(self.counters)}
+
+
+def actor_resources(requested: int | None, wants_gpu: bool) -> tuple[int, dict[str, float], str]:
+    """How many actors, what each asks Ray for, and their device: one GPU each where the cluster
+    has GPUs (and the job wants them), else a share of the CPUs (fractional, so asking for more
+    actors than cores never waits forever)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    if wants_gpu and gpus > 0:
+        n = requested or gpus
+        if n > gpus:
+            log.warning("%d actors asked for but the cluster has %d GPU(s); using %d", n, gpus, gpus)
+            n = gpus
+        return n, {"num_gpus": 1, "num_cpus": 1}, "cuda"
+    cpus = float(resources.get("CPU", 1))
+    n = requested or 1
+    return n, {"num_cpus": max(0.01, cpus / n) if n > cpus else float(int(cpus // n))}, "cpu"
+
+
+def _ensure_ray(address: str | None) -> bool:
+    """Connect to Ray (or start a local one); returns True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ray.init(address=address, include_dashboard=False, log_to_driver=True)
+    return True
+
+
+class _Progress:
+    """A tqdm bar over shards with samples, images/s and errors in the postfix."""
+
+    def __init__(self, total: int, done: int, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=done, unit="shard", disable=not enabled, dynamic_ncols=True)
+        self.start = time.monotonic()
+
+    def update(self, scheduler: Scheduler) -> None:
+        read, written, errored = scheduler.totals()
+        elapsed = max(1e-9, time.monotonic() - self.start)
+        self.bar.set_postfix(samples=written, errors=errored, img_s=f"{read / elapsed:.1f}", refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _open_output(kind: JobKind, cfg: RunConfig, job: JobPlan) -> tuple[Ledger, set[str], dict[str, str]]:
+    """Open (or resume) the job in its output folder; returns the ledger, committed and to-do shards."""
+    ledger = Ledger(cfg.output, cfg.storage_options)
+    ledger.open_job(build_manifest(kind=kind.name, identity=job.identity, shards=job.inputs,
+                                   data_extension=job.data_extension, code_version=__version__,
+                                   provenance=dict(job.provenance)), overwrite=cfg.overwrite)
+    committed = {r.name for r in ledger.job_records()}
+    todo = plan(job.inputs, committed)
+    ledger.discard_all(todo)  # a stale record must never vouch for data being rewritten
+    log.info("%d shard(s): %d committed already, %d to do", len(job.inputs), len(committed), len(todo))
+    return ledger, committed, todo
+
+
+def _start_pool(kind: JobKind, cfg: RunConfig, job: JobPlan, n_actors: int, resources: dict[str, float],
+                n_shards: int) -> ActorPool:
+    import ray
+
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    remote = ray.remote(JobActor).options(
+        max_concurrency=SHARDS_PER_ACTOR,
+        max_restarts=-1, max_task_retries=0,  # retries are the scheduler's decision, not Ray's
+        runtime_env={"env_vars": env} if env else None, **resources)
+    pool = ActorPool(lambda: remote.remote(kind.name, cfg, job), size=min(n_actors, n_shards),
+                     slots=SHARDS_PER_ACTOR, startup_timeout_s=cfg.retry.actor_start_timeout_s)
+    try:
+        pool.start()
+    except PoolStartError as e:
+        pool.shutdown()
+        raise JobError(f"the {kind.name} actors could not start: {e}") from e
+    return pool
+
+
+def _check_actor(kind: JobKind, job: JobPlan, info: Mapping[str, Any]) -> None:
+    """An actor's model must be the one the job was planned with (same fingerprint, same scaling)."""
+    if dict(info["identity"]) != dict(job.identity):
+        from pipeline.core.ledger import identity_differences
+
+        diffs = "; ".join(identity_differences(job.identity, info["identity"])) or "identity differs"
+        raise JobError(f"an actor loaded another model than the {kind.name} job was planned with "
+                       f"({diffs.replace('output has', 'plan has').replace('this job has', 'actor has')}); "
+                       "check that the weights did not change while the job started")
+
+
+def run_job(kind: JobKind | str, cfg: RunConfig, *, ray_address: str | None = None, progress: bool = True,
+            on_result: Callable[[ShardResult], None] | None = None) -> JobSummary:
+    """Run (or resume) a job of `kind` (a JobKind or its name) on Ray; returns the summary or raises JobError."""
+    if isinstance(kind, str):
+        from pipeline.jobs import get_kind
+
+        kind = get_kind(kind)
+    t0 = time.monotonic()
+    inputs = kind.inputs(cfg)  # a typo in an input fails here, before Ray starts
+    started_ray = _ensure_ray(ray_address)
+    pool: ActorPool | None = None
+    try:
+        n_actors, resources, device = actor_resources(cfg.actors, kind.wants_gpu(cfg))
+        job = kind.plan(cfg, inputs, PlanContext(device=device))
+        ledger, committed, todo = _open_output(kind, cfg, job)
+        random_weights = bool(job.provenance.get("vae_random_weights", False))
+        if random_weights:
+            log.warning("%s job with RANDOM WEIGHTS: its output is for tests and demos only", kind.name)
+        sched = Scheduler(todo, cfg.retry, cfg.max_error_rate, cfg.min_samples_for_error_rate)
+        t_ready = time.monotonic()
+        if todo:
+            pool = _start_pool(kind, cfg, job, n_actors, resources, len(todo))
+            for info in pool.infos:
+                _check_actor(kind, job, info)
+            log.info("%d actor(s) starting; first ready: %s", len(pool.actors), pool.infos[0]["summary"])
+            t_ready = time.monotonic()
+            _run_loop(kind, cfg, job, pool, sched, _Progress(len(job.inputs), len(committed), progress), on_result)
+        if sched.failed:
+            details = "; ".join(f"{n}: {r}" for n, r in sorted(sched.failed.items())[:10])
+            ledger.write_errors_table()
+            raise JobError(f"{len(sched.failed)} shard(s) failed after retries: {details}. "
+                           "Run the same command again to retry them; committed shards are kept.")
+        ledger.write_errors_table()
+        read, written, errored = sched.totals()
+        now = time.monotonic()
+        summary = JobSummary(
+            kind=kind.name, output=ledger.url, total_shards=len(job.inputs), skipped_shards=len(committed),
+            processed_shards=len(sched.done), samples_read=read, samples_written=written,
+            samples_errored=errored, counters=sched.counters(), seconds=now - t0,
+            steady_seconds=now - t_ready, random_weights=random_weights)
+        ledger.write_success({"this_run": summary.to_dict()})
+        return summary
+    finally:
+        if pool is not None:
+            pool.shutdown()
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def _run_loop(kind: JobKind, cfg: RunConfig, job: JobPlan, pool: ActorPool, sched: Scheduler,
+              bar: _Progress, on_result: Callable[[ShardResult], None] | None) -> None:
+    try:
+        while not sched.finished:
+            now = time.monotonic()
+            for info in pool.poll_starting():
+                _check_actor(kind, job, info)
+            while pool.free_slots() > 0:
+                task = sched.next_task(now)
+                if task is None:
+                    break
+                pool.submit(task, "process", now)
+            if not pool.busy:
+                ready_at = sched.next_ready_at()
+                time.sleep(max(0.0, min(1.0, (ready_at or now) - now)))
+                continue
+            for outcome in pool.wait(timeout=1.0):
+                now = time.monotonic()
+                name = outcome.task.name
+                if outcome.error is None:
+                    assert outcome.result is not None
+                    sched.succeeded(outcome.result)
+                    bar.update(sched)
+                    if on_result is not None:
+                        on_result(outcome.result)
+                elif outcome.collateral:
+                    sched.requeue(name)  # not its fault: another shard's timeout killed the actor
+                else:
+                    reason = error_message(outcome.error)
+                    permanent = isinstance(getattr(outcome.error, "cause", None), PermanentShardError)
+                    at = sched.failed_attempt(name, reason, now, permanent=permanent)
+                    log.warning("shard %s failed (%s); %s", name, reason[:300],
+                                "retrying" if at is not None else "giving up")
+            for task in pool.kill_timed_out(time.monotonic(), cfg.retry.shard_timeout_s):
+                log.warning("shard %s timed out after %.0f s; restarting its actor", task.name,
+                            cfg.retry.shard_timeout_s)
+            message = sched.error_rate_exceeded()
+            if message:
+                raise JobError(f"stopping the job: {message}")
+    except PoolStartError as e:
+        raise JobError(f"the {kind.name} actors could not be replaced: {e}") from e
+    finally:
+        bar.close()
+
+
+__all__ = ["JobError", "JobSummary", "run_job", "actor_resources", "FORWARDED_ENV", "SHARDS_PER_ACTOR"]

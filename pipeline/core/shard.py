@@ -1,0 +1,136 @@
+"""The shard skeleton every job kind shares: count what is read, prepare in threads, batch, step,
+write, reconcile, commit, record. `ShardProcessor` knows nothing of Ray, so tests run it in-process;
+`JobActor` is the Ray actor around it.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Hashable, Iterable, Iterator, Mapping
+
+from pipeline.core.kind import JobPlan, ShardContext, ShardWorker
+from pipeline.core.scheduler import ShardResult, ShardTask
+from pipeline.core.sink import InvalidRecordError, ShardSink
+from pipeline.core.ledger import Ledger, ShardRecord, identity_hash
+from pipeline.samples import SampleError
+
+log = logging.getLogger(__name__)
+
+
+class ReconciliationError(RuntimeError):
+    """A shard's written + errored samples do not add up to those read: it is never committed."""
+
+
+def _prepare_one(worker: ShardWorker, item: Any, task: ShardTask) -> Any:
+    try:
+        return worker.prepare(item, task)
+    except Exception as e:  # a sample the decoders choke on in an unforeseen way is still one sample
+        key = worker.key_of(item)
+        log.debug("unexpected error preparing %s from %s", key, task.url, exc_info=True)
+        return SampleError(key=key, shard=task.url, stage="preprocess", reason=f"{type(e).__name__}: {e}")
+
+
+def prepare_in_threads(items: Iterable[Any], worker: ShardWorker, task: ShardTask, pool: ThreadPoolExecutor,
+                       *, window: int) -> Iterator[Any]:
+    """`worker.prepare` in a thread pool (Pillow and numpy release the GIL), in input order, at most
+    `window` items in flight so memory stays bounded while the model runs."""
+    pending: collections.deque[Future | SampleError] = collections.deque()
+    for item in items:
+        pending.append(item if isinstance(item, SampleError) else pool.submit(_prepare_one, worker, item, task))
+        if len(pending) >= window:
+            head = pending.popleft()
+            yield head if isinstance(head, SampleError) else head.result()
+    while pending:
+        head = pending.popleft()
+        yield head if isinstance(head, SampleError) else head.result()
+
+
+class ShardProcessor:
+    """Runs shards through one worker and commits them to one output folder."""
+
+    def __init__(self, worker: ShardWorker, *, output: str, identity: Mapping[str, Any],
+                 storage_options: Mapping[str, Any] | None = None) -> None:
+        self.worker = worker
+        self.identity_hash = identity_hash(identity)
+        self.ledger = Ledger(output, storage_options)
+        self._pool = ThreadPoolExecutor(max_workers=worker.threads, thread_name_prefix="prepare")
+
+    def _add(self, sink: ShardSink, outputs: Iterable[Any], task: ShardTask, errors: list[SampleError]) -> None:
+        for out in outputs:
+            if isinstance(out, SampleError):
+                errors.append(out)
+                continue
+            try:
+                sink.add(out)
+            except InvalidRecordError as e:
+                errors.append(SampleError(out.key, task.url, "write", str(e)))
+
+    def process(self, task: ShardTask) -> ShardResult:
+        """Process and commit one shard. Raises on shard-level failure (nothing is committed then)."""
+        start = time.perf_counter()
+        worker = self.worker
+        ctx = ShardContext(task)
+        errors: list[SampleError] = []
+        read = 0
+
+        def counted(items: Iterable[Any]) -> Iterator[Any]:
+            nonlocal read
+            for item in items:
+                read += 1
+                yield item
+
+        window = max(2 * worker.batch_size, 4 * worker.threads)
+        batches: dict[Hashable, list[Any]] = {}
+        with worker.open_sink(task) as sink:
+            for item in prepare_in_threads(counted(worker.read(task)), worker, task, self._pool, window=window):
+                if isinstance(item, SampleError):
+                    errors.append(item)
+                    continue
+                key = worker.batch_key(item)
+                batch = batches.setdefault(key, [])
+                batch.append(item)
+                if len(batch) >= worker.batch_size:
+                    self._add(sink, worker.step(batch, ctx), task, errors)
+                    batches[key] = []
+            for batch in batches.values():
+                if batch:
+                    self._add(sink, worker.step(batch, ctx), task, errors)
+            if len(sink) + len(errors) != read:
+                raise ReconciliationError(
+                    f"shard {task.name}: {read} samples read but {len(sink)} written and {len(errors)} errored; "
+                    "refusing to commit a shard that loses samples")
+            stats = sink.commit()
+        seconds = time.perf_counter() - start
+        record = ShardRecord.from_stats(stats, input_url=task.url, samples_read=read, errors=errors,
+                                        identity_hash=self.identity_hash, attempt=task.attempt, seconds=seconds,
+                                        counters=ctx.counters)
+        self.ledger.commit_record(record)
+        return ShardResult(name=task.name, samples_read=read, samples_written=stats.samples,
+                           samples_errored=len(errors), bytes=stats.bytes, seconds=seconds,
+                           attempt=task.attempt, counters=dict(ctx.counters))
+
+
+class JobActor:
+    """The Ray actor of every job kind: builds the kind's worker (the model is loaded here, not
+    shipped through the object store) and processes shards. Made remote by the pool."""
+
+    def __init__(self, kind: str, cfg: Any, plan: JobPlan) -> None:
+        from pipeline.jobs import get_kind
+
+        self._worker = get_kind(kind).worker(cfg, plan)
+        self._processor = ShardProcessor(self._worker, output=cfg.output, identity=plan.identity,
+                                         storage_options=cfg.storage_options)
+        log.info("actor %d ready for %s", os.getpid(), kind)
+
+    def describe(self) -> dict[str, Any]:
+        return self._worker.describe()
+
+    def process(self, task: ShardTask) -> ShardResult:
+        return self._processor.process(task)
+
+
+__all__ = ["ShardProcessor", "JobActor", "ReconciliationError", "prepare_in_threads"]

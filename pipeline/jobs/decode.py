@@ -1,0 +1,277 @@
+"""The decode job: latent shards in, WebDataset image shards out, one tar per latent shard.
+
+Each sample comes out under its original key: `<key>.<png|jpg|webp>` (the VAE's decode of the
+unscaled latent, mapped to uint8 by clamp and round), its passthrough members as they were, and
+`<key>.latentcache.json` (sizes, crop, VAE fingerprint, latent shard). The VAE is by default the
+one named in the latents' manifest (or shard metadata); another VAE is refused by fingerprint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+import posixpath
+import threading
+from dataclasses import dataclass
+from typing import Any, Hashable, Iterable, Mapping
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vae import NonFiniteError, inspect_vae
+
+from pipeline.config import DecodeConfig, VAEConfig
+from pipeline.core.kind import JobKind, JobPlan, PermanentShardError, PlanContext, PlanError, ShardContext, ShardWorker
+from pipeline.core.scheduler import ShardTask
+from pipeline.jobs.encode import build_codec, compute_device_and_dtype, vae_identity, vae_provenance
+from pipeline.core.ledger import Ledger
+from pipeline.io.latent_reader import is_shard_file, read_latents, read_shard_metadata, shard_urls
+from pipeline.samples import SampleError
+from pipeline.io.tar_writer import TarSample, TarShardWriter
+
+log = logging.getLogger(__name__)
+
+_PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+INFO_MEMBER = "latentcache.json"
+
+
+def latent_shard_name(url: str) -> str:
+    """`.../train-000001.parquet` -> `train-000001`."""
+    stem = posixpath.basename(url.rstrip("/")).rpartition(".")[0]
+    if not stem:
+        raise PlanError(f"latent shard {url!r} has no file name to derive an output name from")
+    return stem
+
+
+def posterior_noise(seed: int, key: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Standard normal noise for sample `key`, the same on every machine and in every batch."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return torch.randn(shape, generator=gen, dtype=torch.float32)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Decoder output (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3): clamp, then round."""
+    pixels = ((images.float() + 1.0) * 127.5).clamp_(0, 255).round_().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def encode_image(pixels: np.ndarray, fmt: str, quality: int) -> bytes:
+    buf = io.BytesIO()
+    options: dict[str, Any] = {"compress_level": 6} if fmt == "png" else {"quality": quality}
+    Image.fromarray(pixels, "RGB").save(buf, format=_PIL_FORMATS[fmt], **options)
+    return buf.getvalue()
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedLatent:
+    """One latent ready for the decoder: unscaled-space input is made in `step`; here it is the
+    scaled latent (or posterior sample) in float32, with the sample's metadata."""
+
+    key: str
+    latent: np.ndarray
+    meta: Mapping[str, Any]
+
+
+def _latents_identity(urls: list[str], cfg: DecodeConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The identity and provenance of the latents: from the encode jobs' manifests where the inputs
+    are their folders (which must agree on the VAE), else from the first shard's metadata. Every
+    shard is checked again by the workers before it is decoded."""
+    found: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
+    for pattern in cfg.input:
+        if is_shard_file(pattern):
+            continue
+        manifest = Ledger(pattern, cfg.storage_options).read_manifest()
+        if manifest is not None:
+            found.append((pattern, dict(manifest["identity"]), dict(manifest.get("provenance", {}))))
+    for pattern, identity, _ in found[1:]:
+        if identity.get("vae_fingerprint") != found[0][1].get("vae_fingerprint"):
+            raise PlanError(f"inputs {found[0][0]} and {pattern} were made with different VAEs "
+                            f"({found[0][1].get('vae_fingerprint')} and {identity.get('vae_fingerprint')}); "
+                            "decode them as separate jobs")
+    if found:
+        return found[0][1], found[0][2]
+    meta = read_shard_metadata(urls[0], cfg.storage_options)
+    identity = {"vae_fingerprint": meta.get("vae_fingerprint"), "preset": meta.get("preset")}
+    provenance = {"vae_source": meta.get("vae_source"), "vae_seed": int(meta.get("vae_seed", "0"))}
+    return identity, provenance
+
+
+class DecodeWorker(ShardWorker):
+    """Decodes latent shards with one codec; model calls are serialised by a lock, images are
+    encoded to PNG/JPEG/WebP outside it."""
+
+    def __init__(self, cfg: DecodeConfig, plan: JobPlan) -> None:
+        self.cfg = cfg
+        self.plan = plan
+        self.vae = VAEConfig(**plan.worker_args["vae"])
+        self.codec = build_codec(self.vae, cfg.storage_options)
+        self.batch_size = cfg.batch_size
+        self.threads = cfg.decode_threads
+        self._model_lock = threading.Lock()
+
+    def describe(self) -> dict[str, Any]:
+        codec = self.codec
+        identity = {**self.plan.identity,
+                    **vae_identity(codec.fingerprint, codec.preset, str(codec.dtype).removeprefix("torch."))}
+        return {"identity": identity, "summary": repr(codec), "random_weights": codec.random_weights}
+
+    def read(self, task: ShardTask) -> Iterable[tuple[str, np.ndarray, dict]]:
+        meta = read_shard_metadata(task.url, self.cfg.storage_options)
+        fingerprint = meta.get("vae_fingerprint")
+        if fingerprint != self.codec.fingerprint:
+            raise PermanentShardError(
+                f"latent shard {task.url} was made with the VAE {fingerprint}; this job decodes with "
+                f"{self.codec.fingerprint} ({self.vae.source})")
+        scaling = (float(meta.get("scaling_factor", "nan")), float(meta.get("shift_factor", "nan")))
+        if scaling != (self.codec.scaling_factor, self.codec.shift_factor):
+            raise PermanentShardError(
+                f"latent shard {task.url} is scaled by {scaling[0]} with shift {scaling[1]}; the {self.codec.preset.name} "
+                f"VAE uses {self.codec.scaling_factor} and {self.codec.shift_factor}")
+        return read_latents(task.url, self.cfg.storage_options, with_logvar=self.cfg.sample == "posterior")
+
+    def key_of(self, item: tuple[str, np.ndarray, dict]) -> str:
+        return item[0]
+
+    def prepare(self, item: tuple[str, np.ndarray, dict], task: ShardTask) -> PreparedLatent | SampleError:
+        key, latent, meta = item
+        channels = self.codec.config.latent_channels
+
+        def bad(why: str) -> SampleError:
+            return SampleError(key, task.url, "preprocess", f"latent {why}")
+
+        if latent.ndim != 3 or latent.shape[0] != channels or min(latent.shape[1:]) < 1:
+            return bad(f"has shape {tuple(latent.shape)}; expected ({channels}, h, w) for the "
+                       f"{self.codec.preset.name} VAE")
+        z = latent.astype(np.float32)
+        if not np.isfinite(z).all():
+            return bad(f"has {int((~np.isfinite(z)).sum())} non-finite value(s); expected finite values")
+        if self.cfg.sample == "posterior":
+            logvar = meta.get("logvar")
+            if logvar is None or logvar.shape != latent.shape or not np.isfinite(logvar).all():
+                return bad("has no finite log-variance of its shape to sample the posterior from")
+            std = np.exp(0.5 * logvar.astype(np.float32))
+            z = z + self.codec.scaling_factor * std * posterior_noise(self.cfg.seed, key, z.shape).numpy()
+        return PreparedLatent(key, z, meta)
+
+    def batch_key(self, prepared: PreparedLatent) -> Hashable:
+        return prepared.latent.shape
+
+    def _decode(self, latents: list[np.ndarray]) -> np.ndarray:
+        z = torch.from_numpy(np.stack(latents))
+        with self._model_lock:
+            images = self.codec.decode(self.codec.unscale(z))
+        return to_uint8(images)
+
+    def step(self, batch: list[PreparedLatent], ctx: ShardContext) -> Iterable[TarSample | SampleError]:
+        try:
+            pixels = self._decode([p.latent for p in batch])
+        except NonFiniteError as e:
+            bad = set(e.indices)
+            out: list[TarSample | SampleError] = [SampleError(batch[i].key, ctx.task.url, "decode", str(e))
+                                                  for i in sorted(bad)]
+            rest = [p for i, p in enumerate(batch) if i not in bad]
+            return out + (list(self.step(rest, ctx)) if rest else [])
+        samples: list[TarSample | SampleError] = []
+        for p, image in zip(batch, pixels):
+            meta = p.meta
+            members = {self.cfg.image_format: encode_image(image, self.cfg.image_format, self.cfg.quality)}
+            for ext, value in meta["extras"].items():
+                if ext in members or ext == INFO_MEMBER:
+                    samples_error = SampleError(p.key, ctx.task.url, "write",
+                                                f"passthrough member {ext!r} clashes with a member this job writes")
+                    samples.append(samples_error)
+                    break
+                members[ext] = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+            else:
+                members[INFO_MEMBER] = json.dumps({
+                    "original_size": list(meta["original_size"]), "crop_top_left": list(meta["crop_top_left"]),
+                    "target_size": list(meta["target_size"]), "latent_shape": list(p.latent.shape),
+                    "vae_fingerprint": self.codec.fingerprint, "latent_shard": meta["shard"],
+                    "sample": self.cfg.sample,
+                }, sort_keys=True).encode()
+                samples.append(TarSample(p.key, members))
+        return samples
+
+    def open_sink(self, task: ShardTask) -> TarShardWriter:
+        return TarShardWriter(self.cfg.output, task.name, storage_options=self.cfg.storage_options)
+
+
+class DecodeJob(JobKind):
+    """Latent shards -> WebDataset image shards."""
+
+    name = "decode"
+    config_type = DecodeConfig
+    help = "decode latent shards back into WebDataset image shards (resumable)"
+    flags = {"vae": "vae.source", "preset": "vae.preset", "dtype": "vae.dtype", "device": "vae.device",
+             "image_format": "image_format", "quality": "quality", "sample": "sample", "seed": "seed",
+             "batch_size": "batch_size"}
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("--vae", help="weights (default: the VAE named in the latents' manifest)")
+        p.add_argument("--preset", help="VAE family of --vae: sd15, sdxl, sd3, flux, tiny")
+        p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], help="compute precision")
+        p.add_argument("--device", help="auto, cpu, cuda")
+        p.add_argument("--image-format", choices=list(_PIL_FORMATS))
+        p.add_argument("--quality", type=int, help="JPEG/WebP quality (1-100)")
+        p.add_argument("--sample", choices=["mode", "posterior"],
+                       help="decode the stored mean (mode) or a seeded sample of the posterior")
+        p.add_argument("--seed", type=int, help="seed of the posterior samples")
+        p.add_argument("--batch-size", type=int)
+
+    def inputs(self, cfg: DecodeConfig) -> dict[str, str]:  # type: ignore[override]
+        urls = shard_urls(list(cfg.input), cfg.storage_options)
+        if not urls:
+            raise PlanError(f"input {list(cfg.input)}: no committed latent shards to decode")
+        names: dict[str, str] = {}
+        for url in urls:
+            name = latent_shard_name(url)
+            if name in names and names[name] != url:
+                raise PlanError(f"latent shards {names[name]} and {url} would both write {name}.tar; "
+                                "decode them into different outputs")
+            names[name] = url
+        return names
+
+    def wants_gpu(self, cfg: DecodeConfig) -> bool:  # type: ignore[override]
+        return cfg.vae is None or cfg.vae.device != "cpu"
+
+    def _vae_config(self, cfg: DecodeConfig, provenance: Mapping[str, Any], preset: str | None) -> VAEConfig:
+        if cfg.vae is not None:
+            return cfg.vae
+        source = provenance.get("vae_source")
+        if not source:
+            raise PlanError("the latents do not name the VAE that made them (no vae_source in their manifest "
+                            "or metadata); pass --vae and --preset")
+        random_source = str(source).startswith("random:")
+        return VAEConfig(source=str(source), preset=None if random_source else preset,
+                         seed=int(provenance.get("vae_seed", 0)))
+
+    def plan(self, cfg: DecodeConfig, inputs: Mapping[str, str], ctx: PlanContext) -> JobPlan:  # type: ignore[override]
+        latents, provenance = _latents_identity(list(inputs.values()), cfg)
+        vae = self._vae_config(cfg, provenance, latents.get("preset"))
+        info = inspect_vae(vae.source, vae.preset, seed=vae.seed, storage_options=cfg.storage_options)
+        if info.fingerprint != latents.get("vae_fingerprint"):
+            raise PlanError(f"the VAE {vae.source!r} has fingerprint {info.fingerprint}, but the latents were "
+                            f"made with {latents.get('vae_fingerprint')} ({provenance.get('vae_source')!r}); "
+                            "decoding them with another VAE gives wrong images")
+        _, compute_dtype = compute_device_and_dtype(vae, ctx.device)
+        identity: dict[str, Any] = {"kind": self.name, **vae_identity(info.fingerprint, info.preset, compute_dtype),
+                                    "image_format": cfg.image_format, "sample": cfg.sample}
+        if cfg.image_format != "png":
+            identity["quality"] = cfg.quality
+        if cfg.sample == "posterior":
+            identity["seed"] = cfg.seed
+        return JobPlan(inputs=dict(inputs), identity=identity, provenance=vae_provenance(vae, info.random_weights),
+                       data_extension=TarShardWriter.extension,
+                       worker_args={"vae": {"source": vae.source, "preset": vae.preset, "seed": vae.seed,
+                                            "dtype": vae.dtype, "device": vae.device, "compile": vae.compile}})
+
+    def worker(self, cfg: DecodeConfig, plan: JobPlan) -> DecodeWorker:  # type: ignore[override]
+        return DecodeWorker(cfg, plan)
+
+
+__all__ = ["DecodeJob", "DecodeWorker", "posterior_noise", "to_uint8", "INFO_MEMBER"]
