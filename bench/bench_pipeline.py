@@ -1,10 +1,13 @@
-"""End-to-end throughput of the encode job, side by side with its baselines, in one run.
+"""End-to-end throughput of the encode and decode jobs, side by side with their baselines, in one run.
 
-Two comparisons (medians over --repeats alternating runs; Ray is started once, before timing):
+Three comparisons (medians over --repeats alternating runs; Ray is started once, before timing):
 
-  model   the job (one actor) vs. the model alone on ready-made batches of the same size:
+  model   the encode job (one actor) vs. the model alone on ready-made batches of the same size:
           shows how much of the model's speed survives reading, decoding and writing
           (goal >= 0.9 where the model dominates, e.g. sd15).
+  decode  the decode job (one actor) vs. the decoder alone on ready-made latent batches of the
+          same size: reading latent shards, PNG encoding and tar writing must cost little
+          (goal >= 0.9, sd15 at 256 px on CPU).
   loop    the job (--actors actors, decode threads) vs. a plain single-process loop doing the
           same work with the same building blocks (read tar, decode, resize, encode, write):
           shows what the actors and the threaded decoding buy (goal >= 1.6 on 2 cores, tiny VAE).
@@ -12,7 +15,7 @@ Two comparisons (medians over --repeats alternating runs; Ray is started once, b
 "wall" ratios include start-up (actors importing torch and loading the VAE, the baseline loading
 its codec); "steady" ratios exclude it, which is what a long job sees.
 
-    python bench/bench_pipeline.py                         # both comparisons, CPU defaults
+    python bench/bench_pipeline.py                         # all comparisons, CPU defaults
     python bench/bench_pipeline.py --only model --preset sd15 --resolution 512 --device cuda
 """
 
@@ -35,15 +38,17 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import EncodeConfig, PreprocessConfig, VAEConfig  # noqa: E402
+from pipeline.config import DecodeConfig, EncodeConfig, PreprocessConfig, VAEConfig  # noqa: E402
+from pipeline.core.kind import PlanContext, shard_metadata  # noqa: E402
 from pipeline.demo import bundled_photos, write_tar  # noqa: E402
-from pipeline.driver import run_encode  # noqa: E402
-from pipeline.io.tar_reader import iter_shard  # noqa: E402
-from pipeline.samples import SampleError  # noqa: E402
-from pipeline.io.shards import expand_inputs, shard_name  # noqa: E402
-from pipeline.transforms import prepare, to_model_input  # noqa: E402
-from pipeline.worker import build_codec, job_metadata  # noqa: E402
+from pipeline.io.latent_reader import read_latents  # noqa: E402
 from pipeline.io.latent_writers import LatentRecord, make_writer  # noqa: E402
+from pipeline.io.shards import expand_inputs, shard_name  # noqa: E402
+from pipeline.io.tar_reader import iter_shard  # noqa: E402
+from pipeline.jobs import run  # noqa: E402
+from pipeline.jobs.encode import EncodeJob, build_codec  # noqa: E402
+from pipeline.samples import SampleError  # noqa: E402
+from pipeline.transforms import prepare, to_model_input  # noqa: E402
 
 
 def make_shards(folder: Path, n_shards: int, per_shard: int, side: int) -> None:
@@ -62,24 +67,27 @@ def make_shards(folder: Path, n_shards: int, per_shard: int, side: int) -> None:
                   [(f"{s:05d}_{i:05d}.jpg", photos[(s * per_shard + i) % len(photos)]) for i in range(per_shard)])
 
 
-def run_job(cfg: EncodeConfig) -> dict:
-    """The real job; returns images, wall seconds, and seconds after every actor had its VAE."""
+def run_job(cfg: EncodeConfig | DecodeConfig) -> dict:
+    """The real job; returns images, wall seconds, and seconds after the first actor had its VAE."""
     t0 = time.perf_counter()
-    summary = run_encode(cfg, progress=False)
+    summary = run(cfg, progress=False)
     wall = time.perf_counter() - t0
     return {"images": summary.samples_read, "wall_s": wall, "steady_images": summary.samples_read,
-            "steady_s": summary.encode_seconds}
+            "steady_s": summary.steady_seconds}
 
 
 def run_plain_loop(cfg: EncodeConfig) -> dict:
     """The same work in one process, one thing at a time: read, decode, batch, encode, write."""
     t0 = time.perf_counter()
     codec = build_codec(cfg.vae)
-    meta = job_metadata(cfg, codec)
+    kind = EncodeJob()
+    plan = kind.plan(cfg, kind.inputs(cfg), PlanContext(device=str(codec.device.type)))
+    meta, columns = shard_metadata(plan), plan.identity["passthrough"]
     t_ready = time.perf_counter()
     images = 0
     for url in expand_inputs(cfg.input):
-        writer = make_writer(cfg.format, cfg.output, shard_name(url), meta, latent_dtype=cfg.latent_dtype)
+        writer = make_writer(cfg.format, cfg.output, shard_name(url), meta, latent_dtype=cfg.latent_dtype,
+                             columns=columns)
         batch = []
 
         def flush(batch: list, writer=writer) -> None:
@@ -121,11 +129,28 @@ def run_model_only(cfg: EncodeConfig, images: int) -> dict:
     return {"images": done, "wall_s": end - t_start, "steady_images": done, "steady_s": end - t0}
 
 
+def run_decoder_only(cfg: DecodeConfig, images: int, latents: str) -> dict:
+    """The decoder alone on ready-made batches of the latents' shape and the job's batch size."""
+    t_start = time.perf_counter()
+    codec = build_codec(VAEConfig(source=cfg.vae.source if cfg.vae else "random:sd15"))
+    _, latent, _ = next(read_latents(latents))
+    z = codec.unscale(torch.from_numpy(latent.astype("float32"))[None].repeat(cfg.batch_size, 1, 1, 1))
+    t0 = time.perf_counter()
+    done = 0
+    while done < images:
+        codec.decode(z)
+        done += cfg.batch_size
+    if str(codec.device).startswith("cuda"):
+        torch.cuda.synchronize()
+    end = time.perf_counter()
+    return {"images": done, "wall_s": end - t_start, "steady_images": done, "steady_s": end - t0}
+
+
 def ips(r: dict, steady: bool) -> float:
     return (r["steady_images"] / r["steady_s"]) if steady else (r["images"] / r["wall_s"])
 
 
-def compare(name: str, job_cfg: EncodeConfig, baseline, repeats: int, tmp: Path) -> dict:
+def compare(name: str, job_cfg: EncodeConfig | DecodeConfig, baseline, repeats: int, tmp: Path) -> dict:
     job_runs, base_runs = [], []
     for rep in range(repeats):  # alternate, so drift on a shared machine hits both alike
         out = tmp / f"out-{name}-{rep}"
@@ -145,7 +170,7 @@ def compare(name: str, job_cfg: EncodeConfig, baseline, repeats: int, tmp: Path)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["model", "loop"], default=None)
+    ap.add_argument("--only", choices=["model", "decode", "loop"], default=None)
     ap.add_argument("--preset", default="sd15", help="VAE for the model comparison (random weights)")
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)
@@ -174,6 +199,17 @@ def main() -> None:
                                preprocess=PreprocessConfig(resolution=args.resolution, jpeg_draft=args.jpeg_draft),
                                batch_size=args.batch_size, actors=1)
             rows.append(compare("model", cfg, lambda c, n: run_model_only(c, n), args.repeats, tmp))
+        if args.only in (None, "decode"):
+            per = args.batch_size * 2
+            make_shards(tmp / "decode-in", max(1, args.model_images // per), per, args.photo_side)
+            latents = str(tmp / "decode-latents")
+            run(EncodeConfig(input=(str(tmp / "decode-in"),), output=latents,
+                             vae=VAEConfig(source=f"random:{args.preset}", device=args.device),
+                             preprocess=PreprocessConfig(resolution=args.resolution),
+                             batch_size=args.batch_size, actors=1), progress=False)
+            cfg = DecodeConfig(input=(latents,), output="unused", batch_size=args.batch_size, actors=1,
+                               vae=VAEConfig(source=f"random:{args.preset}", device=args.device))
+            rows.append(compare("decode", cfg, lambda c, n: run_decoder_only(c, n, latents), args.repeats, tmp))
         if args.only in (None, "loop"):
             make_shards(tmp / "loop-in", args.loop_shards, args.loop_per_shard, args.photo_side)
             cfg = EncodeConfig(input=(str(tmp / "loop-in"),), output="unused",
@@ -185,7 +221,7 @@ def main() -> None:
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else (
         f"CPU {platform.machine()}, {torch.get_num_threads()} threads")
-    print(f"\nencode pipeline throughput ({device}); resolution {args.resolution}, batch {args.batch_size}, "
+    print(f"\npipeline throughput ({device}); resolution {args.resolution}, batch {args.batch_size}, "
           f"JPEG side {args.photo_side}, medians of {args.repeats}")
     print(f"{'comparison':<12}{'images':>8}{'job img/s':>11}{'base img/s':>12}{'wall ratio':>12}"
           f"{'job steady':>12}{'base steady':>13}{'steady ratio':>14}")
@@ -193,8 +229,8 @@ def main() -> None:
         print(f"{r['comparison']:<12}{r['images']:>8}{r['job_wall_img_s']:>11.2f}{r['baseline_wall_img_s']:>12.2f}"
               f"{r['wall_ratio']:>12.2f}{r['job_steady_img_s']:>12.2f}{r['baseline_steady_img_s']:>13.2f}"
               f"{r['steady_ratio']:>14.2f}")
-    print("model: baseline = the codec alone on ready batches (preset %s); loop: baseline = one process, "
-          "no threads (tiny preset, %d actors for the job)" % (args.preset, args.actors))
+    print("model/decode: baseline = the encoder/decoder alone on ready batches (preset %s); loop: baseline = "
+          "one process, no threads (tiny preset, %d actors for the job)" % (args.preset, args.actors))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     out = Path(args.out) / f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps({"bench": "pipeline", "args": vars(args), "device": device, "rows": rows,

@@ -3,7 +3,6 @@ values as written, refusal of mixed caches, committed shards only, batches of on
 
 from __future__ import annotations
 
-import inspect
 import json
 import re
 import zlib
@@ -16,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.dataset import IncompatibleShardsError, LatentDataset, ShapeBatched, batch_by_shape
-from pipeline.core.ledger import Ledger, ShardRecord
+from pipeline.core.ledger import Ledger, ShardRecord, build_manifest
 from pipeline.io.latent_writers import LatentRecord, make_writer
 
 SCALE = 0.18215
@@ -42,15 +41,13 @@ def write_folder(url: str, shards: dict[str, list[LatentRecord]], *, fmt: str = 
     """An output folder with a job manifest; each shard written by the project's writer and
     committed with its ledger record, except the `uncommitted` ones (data file only)."""
     ledger = Ledger(url)
-    identity = {"fingerprint": META["vae_fingerprint"], "preset": "tiny", "scaling_factor": SCALE,
+    identity = {"vae_fingerprint": META["vae_fingerprint"], "preset": "tiny", "scaling_factor": SCALE,
                 "shift_factor": 0.0, "preprocess": {"resolution": 64}, "format": fmt, "latent_dtype": "float16"}
-    manifest = {"kind": "encode", "identity": identity, "shards": {n: f"s3://in/{n}.tar" for n in shards},
-                "data_extension": fmt, "code_version": "0.1.0"}  # by hand: build_manifest's signature moves
-    ledger.open_job(manifest, overwrite=False)
+    ledger.open_job(build_manifest(kind="encode", identity=identity, shards={n: f"s3://in/{n}.tar" for n in shards},
+                                   data_extension=fmt, code_version="0.1.0"), overwrite=False)
     columns = sorted({ext for records in shards.values() for r in records for ext in r.extras})
-    extra = {"columns": columns} if "columns" in inspect.signature(make_writer).parameters else {}
     for name, records in shards.items():
-        with make_writer(fmt, url, name, (metadata or {}).get(name, META), **extra) as w:
+        with make_writer(fmt, url, name, (metadata or {}).get(name, META), columns=columns) as w:
             for r in records:
                 w.add(r)
             stats = w.commit()

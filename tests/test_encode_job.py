@@ -181,7 +181,8 @@ def test_failing_shard_is_retried_given_up_then_resumed(ray_cluster, tmp_path):
             victim.unlink()
 
     cfg = _cfg([str(tmp_path / "in")], out, actors=1)
-    with pytest.raises(JobError, match=r"1 shard\(s\) failed after retries: part-0003: failed 2 time\(s\)"):
+    with pytest.raises(JobError, match=r"1 shard\(s\) failed after retries: part-0003: failed 2 time\(s\); "
+                       r"last error: ShardReadError: cannot read shard .*part-0003.tar"):
         run_encode(cfg, progress=False, on_result=lose_last_shard)
     ledger = Ledger(out)
     assert {r.name for r in ledger.job_records()} == {"part-0000", "part-0001", "part-0002"}

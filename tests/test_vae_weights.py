@@ -109,3 +109,20 @@ def test_hub_repo_is_read_from_the_local_cache_offline(tmp_path, monkeypatch):
     with torch.no_grad():
         expected = ref.encode(x).latent_dist.mean
     assert torch.allclose(codec.encode(x).mean, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "compvis-fp16"])
+def test_inspect_vae_fingerprints_the_file_as_load_vae_does(tmp_path, layout):
+    """The driver plans with the fingerprint read from the file; actors must find the same one."""
+    from vae import inspect_vae
+
+    if layout == "diffusers":
+        state = diffusers_vae("tiny").state_dict()
+    else:
+        state = {k: v.half() for k, v in build_model("tiny", seed=3).state_dict().items()}
+    path = _save(state, tmp_path / "w.safetensors")
+    info = inspect_vae(path, "tiny")
+    codec = load_vae(path, preset="tiny")
+    assert info.fingerprint == codec.fingerprint and not info.random_weights
+    assert info.preset.scaling_factor == codec.scaling_factor
+    assert inspect_vae("random:tiny", seed=4).fingerprint == load_vae("random:tiny", seed=4).fingerprint

@@ -10,6 +10,7 @@ nothing partial is ever visible under the final name.
 from __future__ import annotations
 
 import hashlib
+import logging
 import posixpath
 import secrets
 from types import TracebackType
@@ -17,6 +18,9 @@ from typing import Any, BinaryIO, Callable, Mapping
 
 import fsspec
 from fsspec import AbstractFileSystem
+from fsspec.spec import AbstractBufferedFile
+
+log = logging.getLogger(__name__)
 
 # Object stores have no directories, and `makedirs` on s3fs creates a missing bucket.
 _OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2"})
@@ -155,23 +159,23 @@ class AtomicUpload:
         return self.bytes, self.sha256
 
     def abort(self) -> None:
-        """Drop the upload (idempotent; a no-op after commit)."""
+        """Drop the upload (idempotent; a no-op after commit). Never raises: it runs while another
+        error is on its way up; a temp file it cannot remove is logged and cleared at the next job start."""
         if self._state != "open":
             return
         self._state = "aborted"
         self.closed = True
-        error = ShardWriteError(f"{self.url}: upload aborted")
         try:
-            discard = getattr(self._raw, "discard", None)  # s3fs: abort the multipart upload
-            if discard is not None and not getattr(self._raw, "closed", False):
-                discard()
+            if isinstance(self._raw, AbstractBufferedFile):
+                self._raw.discard()  # s3fs, gcsfs: drop the buffer and abort the multipart upload
             else:
                 self._raw.close()
-        except Exception as e:  # noqa: BLE001 - removal below still runs; the cause is logged on it
-            error.add_note(f"closing the temp file failed: {e!r}")
+        except Exception as e:  # noqa: BLE001 - see the docstring; the removal below still runs
+            log.warning("closing the temp file %s failed: %r", self.fs.unstrip_protocol(self.tmp_path), e)
+        error = ShardWriteError(f"{self.url}: upload aborted")
         _remove_after_failure(self.fs, self.tmp_path, error)
-        if getattr(error, "__notes__", None):
-            raise error
+        for note in getattr(error, "__notes__", ()):
+            log.warning("%s", note)
 
     def __enter__(self) -> AtomicUpload:
         return self
