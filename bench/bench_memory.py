@@ -143,23 +143,26 @@ def child_main(spec_path: str) -> None:
 
 def role_of(proc: Any, child_pid: int) -> tuple[str, str]:
     """Which part of the job a process of the child's tree is, and its command line (Ray workers
-    retitle themselves: `ray::IDLE`, `ray::JobActor.process`)."""
+    retitle themselves: `ray::IDLE`, `ray::JobActor.process`); "?" while it cannot be read yet."""
     if proc.pid == child_pid:
         return "driver", "bench_memory.py --child"
     try:
-        cmd = " ".join(proc.cmdline())
         name = proc.name()
     except Exception:
-        return "other", "?"
+        name = ""
+    try:
+        cmd = " ".join(proc.cmdline()).strip()
+    except Exception:
+        cmd = ""
+    if name.startswith("raylet") or "/raylet/raylet" in cmd.split(" ", 1)[0]:
+        return "raylet", cmd[:120] or name
+    if name.startswith("gcs_server") or cmd.split(" ", 1)[0].endswith("gcs_server"):
+        return "gcs", cmd[:120] or name
     if cmd.startswith("ray::"):
         return ("actor" if "JobActor" in cmd else "ray_worker"), cmd[:120]
     if "default_worker.py" in cmd:
         return "ray_worker", cmd[:120]
-    if name.startswith("raylet"):
-        return "raylet", cmd[:120]
-    if name.startswith("gcs_server"):
-        return "gcs", cmd[:120]
-    return "other", cmd[:120]
+    return "other", cmd[:120] or "?"
 
 
 def tree(proc: Any) -> list[Any]:
@@ -217,7 +220,9 @@ def run_child(spec: dict[str, Any], work: Path, interval: float, timeout: float)
                     except psutil.Error:
                         continue
                     seen = procs_seen.get(p.pid)
-                    if seen is None or seen["role"] == "ray_worker":  # titles change (IDLE -> JobActor)
+                    # Ray workers retitle themselves (IDLE -> JobActor); a process caught while it
+                    # starts may not show its command line yet.
+                    if seen is None or seen["role"] == "ray_worker" or seen["cmd"] == "?":
                         role, cmd = role_of(p, popen.pid)
                         if seen is None:
                             seen = procs_seen[p.pid] = {"pid": p.pid, "role": role, "cmd": cmd, "peak_rss_mb": 0.0}

@@ -30,8 +30,7 @@ def config_from_args(kind: Any, args: argparse.Namespace) -> RunConfig:
 
 
 def _add_run_flags(p: argparse.ArgumentParser, kind: Any) -> None:
-    p.add_argument("--input", nargs="+", help=f"input shard URLs of the {kind.name} job: braces {{000..009}}, "
-                                              "globs, or folders")
+    p.add_argument("--input", nargs="+", help=kind.input_help)
     p.add_argument("--output", help="output folder (local path or fsspec URL)")
     p.add_argument("--actors", type=int, help="number of actors (default: one per GPU, else 1 on CPU)")
     p.add_argument("--overwrite", action="store_const", const=True,
@@ -75,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="latentcache",
-        description="Precompute Stable Diffusion VAE latents for WebDataset image shards, on Ray, and decode them back.",
+        description="Precompute Stable Diffusion VAE latents for WebDataset image shards on Ray, and decode "
+                    "them back.",
     )
     parser.add_argument("--version", action="version", version=f"latentcache {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")

@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import yaml
 
@@ -88,11 +88,24 @@ class VAEConfig:
     compile: bool = False
     seed: int = 0
 
+    # Subclasses whose source may come from elsewhere (the latents' manifest) set this.
+    _source_optional: ClassVar[bool] = False
+
     def __post_init__(self) -> None:
-        _check(bool(self.source), "vae.source must name the VAE weights (path, URL, repo id or random:PRESET)")
+        _check(bool(self.source) or self._source_optional,
+               "vae.source must name the VAE weights (path, URL, repo id or random:PRESET)")
         _one_of("vae.dtype", self.dtype, COMPUTE_DTYPES)
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                f"vae.device={self.device!r} is not allowed; expected auto, cpu, cuda or cuda:N")
+
+
+@dataclass(frozen=True)
+class DecodeVAEConfig(VAEConfig):
+    """The decode job's VAE: `source` empty (the default) takes the VAE named in the latents'
+    manifest or shard metadata, with its preset and seed; dtype, device and compile apply either way."""
+
+    source: str = ""
+    _source_optional: ClassVar[bool] = True
 
 
 @dataclass(frozen=True)
@@ -182,13 +195,13 @@ class EncodeConfig(RunConfig):
 class DecodeConfig(RunConfig):
     """The decode job: latent shards in, WebDataset image shards out.
 
-    vae: unset takes the VAE named in the latents' manifest (or shard metadata); a VAE whose
-      fingerprint differs from the latents' is refused.
+    vae: `vae.source` unset takes the VAE named in the latents' manifest (or shard metadata); a VAE
+      whose fingerprint differs from the latents' is refused.
     sample: `mode` decodes the stored mean; `posterior` decodes mean + std * eps from the stored
       log-variance, eps seeded per key by `seed`.
     """
 
-    vae: VAEConfig | None = None
+    vae: DecodeVAEConfig = field(default_factory=DecodeVAEConfig)
     image_format: str = "png"
     quality: int = 95
     sample: str = "mode"

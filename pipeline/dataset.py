@@ -59,7 +59,6 @@ samples in ShapeBatched.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
@@ -70,11 +69,12 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from pipeline.config import SAMPLE_MODES
 from pipeline.io.latent_reader import read_latents, read_shard_metadata, shard_urls
+from pipeline.posterior import generator, sample_scaled, seed_of
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_MODES = ("mode", "posterior")
 # Shard metadata that every shard of one dataset must agree on.
 COMPATIBILITY_KEYS = ("vae_fingerprint", "preset", "scaling_factor", "shift_factor", "preprocess")
 _OWN_FIELDS = frozenset({"key", "latent", "latent_flip", "original_size", "crop_top_left", "target_size"})
@@ -86,12 +86,6 @@ _Raw = tuple[str, np.ndarray, dict]
 
 class IncompatibleShardsError(ValueError):
     """Shards of one dataset disagree on the VAE, scaling or preprocessing, or on the expected fingerprint."""
-
-
-def _seed_from(*parts: object) -> int:
-    """A 63-bit seed from the sha256 of the parts joined by ':'."""
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def _comparable(key: str, value: str | None) -> Any:
@@ -237,7 +231,7 @@ class LatentDataset(IterableDataset):
         """This epoch's shard order (shuffled with (seed, epoch) when shuffle=True), the same on every rank."""
         order = list(self.shards)
         if self.shuffle:
-            random.Random(_seed_from(self.seed, self.epoch, "shards")).shuffle(order)
+            random.Random(seed_of(self.seed, self.epoch, "shards")).shuffle(order)
         return order
 
     def worker_shards(self, worker_id: int = 0, num_workers: int = 1) -> list[str]:
@@ -259,7 +253,7 @@ class LatentDataset(IterableDataset):
                            self.rank, worker_id, len(self.shards), self.world_size * num_workers)
         raw = self._raw(mine)
         if self.shuffle:
-            rng = random.Random(_seed_from(self.seed, self.epoch, "buffer", self.rank, worker_id, num_workers))
+            rng = random.Random(seed_of(self.seed, self.epoch, "buffer", self.rank, worker_id, num_workers))
             raw = _buffer_shuffle(raw, self.shuffle_buffer, rng)
         for key, latent, meta in raw:
             yield self._sample(key, latent, meta)
@@ -268,7 +262,7 @@ class LatentDataset(IterableDataset):
         out: Sample = {"key": key}
         flip = meta.get("latent_flip")
         if self.sample == "posterior":
-            g = torch.Generator().manual_seed(_seed_from(self.seed, self.epoch, key))
+            g = generator(self.seed, self.epoch, key)
             out["latent"] = self._posterior(latent, meta["logvar"], g)
             if flip is not None:
                 out["latent_flip"] = self._posterior(flip, meta["logvar_flip"], g)
@@ -293,10 +287,8 @@ class LatentDataset(IterableDataset):
         return out
 
     def _posterior(self, mean: np.ndarray, logvar: np.ndarray, g: torch.Generator) -> torch.Tensor:
-        """scaled mean + scaling_factor * exp(logvar / 2) * eps, i.e. (z - shift) * scale for z ~ N(mean, var)."""
-        mu, lv = _tensor(mean), _tensor(logvar)
-        eps = torch.randn(mu.shape, generator=g, dtype=torch.float32)
-        return mu + self.scaling_factor * torch.exp(0.5 * lv) * eps
+        """See pipeline.posterior: the scaled mean plus scaled noise, (z - shift) * scale for z ~ N(mean, var)."""
+        return sample_scaled(_tensor(mean), _tensor(logvar), float(self.scaling_factor), g)
 
     def __repr__(self) -> str:
         return (f"LatentDataset({len(self.shards)} shards, rank {self.rank}/{self.world_size}, "

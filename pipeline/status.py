@@ -29,14 +29,14 @@ def format_status(output: str, storage_options: Mapping[str, Any] | None = None)
     if p.succeeded:
         state = "SUCCEEDED"
     elif remaining == 0:
-        state = "all shards committed, _SUCCESS not yet written"
+        state = "all shards committed, SUCCESS not yet written"
     else:
         state = "running or stopped"
     eta = f"{remaining / shard_rate / 60:.1f} min" if shard_rate > 0 and remaining else "-"
     pct = 100.0 * p.committed_shards / p.total_shards if p.total_shards else 100.0
     err_pct = 100.0 * p.samples_errored / p.samples_read if p.samples_read else 0.0
     age = f"{(now - p.last_update).total_seconds():.0f} s ago" if p.last_update else "never"
-    fingerprint = identity.get("vae_fingerprint", identity.get("fingerprint"))  # 0.1 named it `fingerprint`
+    fingerprint = identity.get("vae_fingerprint")
     output_format = identity.get("format") or identity.get("image_format") or manifest.get("data_extension")
     return "\n".join([
         f"job      {manifest.get('kind', 'encode')} {ledger.url}: {state}",

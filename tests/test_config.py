@@ -65,7 +65,10 @@ def test_decode_config_and_flags():
     args = build_parser().parse_args(["decode", "--input", "lat/", "--output", "img/", "--image-format", "webp",
                                       "--quality", "80", "--sample", "posterior", "--seed", "3", "--actors", "2"])
     cfg = config_from_args(get_kind("decode"), args)
-    assert isinstance(cfg, DecodeConfig) and cfg.vae is None
+    assert isinstance(cfg, DecodeConfig) and cfg.vae.source == ""  # the latents' own VAE
+    run_flags = config_from_args(get_kind("decode"), build_parser().parse_args(
+        ["decode", "--input", "lat/", "--output", "img/", "--dtype", "float32", "--device", "cpu"]))
+    assert (run_flags.vae.source, run_flags.vae.dtype, run_flags.vae.device) == ("", "float32", "cpu")
     assert (cfg.image_format, cfg.quality, cfg.sample, cfg.seed, cfg.actors) == ("webp", 80, "posterior", 3, 2)
     with_vae = config_from_args(get_kind("decode"), build_parser().parse_args(
         ["decode", "--input", "lat/", "--output", "img/", "--vae", "random:tiny"]))

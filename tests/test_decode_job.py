@@ -26,7 +26,8 @@ from pipeline.core.layout import CURRENT
 from pipeline.core.ledger import Ledger
 from pipeline.io.latent_reader import read_latents
 from pipeline.jobs import run
-from pipeline.jobs.decode import INFO_MEMBER, posterior_noise, to_uint8
+from pipeline.jobs.decode import INFO_MEMBER, to_uint8
+from pipeline.posterior import generator
 from tests import imagedata
 from vae import load_vae
 
@@ -94,7 +95,8 @@ def encoded(ray_cluster, tmp_path_factory) -> Path:
 def test_decode_gives_one_image_per_latent_equal_to_the_codec_and_rerun_does_nothing(encoded, tmp_path):
     out = tmp_path / "images"
     summary = run(_decode_cfg([str(encoded / "latents")], str(out)), progress=False)
-    assert (summary.total_shards, summary.samples_read, summary.samples_written, summary.samples_errored) == (3, 11, 11, 0)
+    s = summary
+    assert (s.total_shards, s.samples_read, s.samples_written, s.samples_errored) == (3, 11, 11, 0)
     tars = sorted(str(p) for p in out.glob("*.tar"))
     assert [Path(p).name for p in tars] == ["part-0000.tar", "part-0001.tar", "part-0002.tar"]
     got = _read_tars(tars)
@@ -108,7 +110,8 @@ def test_decode_gives_one_image_per_latent_equal_to_the_codec_and_rerun_does_not
         assert json.loads(sample["json"]) == json.loads(latents[key]["extras"]["json"])
         info = json.loads(sample[INFO_MEMBER])
         assert info["vae_fingerprint"] == load_vae("random:tiny").fingerprint
-        assert tuple(info["target_size"]) == (RES, RES) and tuple(info["original_size"]) == latents[key]["original_size"]
+        assert tuple(info["target_size"]) == (RES, RES)
+        assert tuple(info["original_size"]) == latents[key]["original_size"]
     records_before = sorted((p.name, p.stat().st_mtime_ns) for p in (out / CURRENT.records).iterdir())
 
     again = run(_decode_cfg([str(encoded / "latents")], str(out)), progress=False)
@@ -153,7 +156,8 @@ def test_mixed_bucket_shapes_decode_per_shape(ray_cluster, tmp_path):
     assert set(got) == set(expected)
     for key, sample in got.items():
         pixels = _pixels(sample["png"])
-        assert pixels.shape == expected[key].shape and tuple(json.loads(sample[INFO_MEMBER])["target_size"]) == pixels.shape[:2]
+        assert pixels.shape == expected[key].shape
+        assert tuple(json.loads(sample[INFO_MEMBER])["target_size"]) == pixels.shape[:2]
         assert np.abs(pixels.astype(int) - expected[key].astype(int)).max() <= 1
 
 
@@ -192,7 +196,8 @@ def test_posterior_sampling_is_seeded_and_differs_from_the_mode(encoded, tmp_pat
     run(_decode_cfg([str(encoded / "latents")], str(tmp_path / "mode")), progress=False)
     for name in ("p1", "p2", "p3"):
         seed = 5 if name != "p3" else 6
-        run(_decode_cfg([str(encoded / "latents")], str(tmp_path / name), sample="posterior", seed=seed), progress=False)
+        run(_decode_cfg([str(encoded / "latents")], str(tmp_path / name), sample="posterior", seed=seed),
+            progress=False)
     read = {n: _read_tars(sorted(str(p) for p in (tmp_path / n).glob("*.tar"))) for n in ("mode", "p1", "p2", "p3")}
     key = "a/000"
     px = {n: _pixels(read[n][key]["png"]).astype(int) for n in read}
@@ -201,7 +206,8 @@ def test_posterior_sampling_is_seeded_and_differs_from_the_mode(encoded, tmp_pat
     # And it is exactly mean + scaling * std * eps(seed, key), decoded.
     codec = load_vae("random:tiny", seed=0)
     (_, latent, meta), = [r for r in read_latents(str(encoded / "latents"), with_logvar=True) if r[0] == key]
-    z = latent + codec.scaling_factor * np.exp(0.5 * meta["logvar"]) * posterior_noise(5, key, latent.shape).numpy()
+    eps = torch.randn(latent.shape, generator=generator(5, key)).numpy()
+    z = latent + codec.scaling_factor * np.exp(0.5 * meta["logvar"]) * eps  # written out, not the helper
     want = to_uint8(codec.decode(codec.unscale(torch.from_numpy(z.astype(np.float32))[None])))[0]
     assert np.abs(px["p1"] - want.astype(int)).max() <= 1
 

@@ -51,7 +51,8 @@ def test_wrong_shape_is_a_sample_error_and_the_rest_is_written(tmp_path):
     assert (result.samples_read, result.samples_written, result.samples_errored) == (3, 2, 1)
     (record,) = Ledger(cfg.output).job_records()
     (error,) = record.errors
-    assert error.key == "wide" and error.stage == "preprocess" and "shape (16, 4, 4); expected (4, h, w)" in error.reason
+    assert error.key == "wide" and error.stage == "preprocess"
+    assert "shape (16, 4, 4); expected (4, h, w)" in error.reason
     with tarfile.open(tmp_path / "out" / "s.tar") as tar:
         assert sorted(tar.getnames()) == ["ok.latentcache.json", "ok.png", "ok.txt",
                                           "ok2.latentcache.json", "ok2.png", "ok2.txt"]
@@ -69,6 +70,42 @@ def test_non_finite_latent_and_missing_logvar_are_named(tmp_path):
     assert isinstance(no_logvar, SampleError) and "log-variance" in no_logvar.reason
     good = worker.prepare(("k", np.ones((4, 2, 2), np.float32), {"logvar": np.full((4, 2, 2), -2.0, np.float32)}), task)
     assert isinstance(good, PreparedLatent) and not np.allclose(good.latent, 1.0)
+
+
+def test_run_flags_keep_the_latents_own_vae(tmp_path):
+    """--dtype or --device without --vae change how the latents' VAE runs, not which VAE it is."""
+    from pipeline.config import DecodeVAEConfig
+
+    url = _latents(tmp_path)
+    worker, plan, _ = _worker(tmp_path, url, vae=DecodeVAEConfig(dtype="float32", device="cpu"))
+    assert plan.worker_args["vae"]["source"] == "random:tiny" and plan.worker_args["vae"]["device"] == "cpu"
+    assert worker.codec.fingerprint == inspect_vae("random:tiny").fingerprint
+
+
+def test_an_output_of_latentcache_0_1_decodes_with_its_own_vae(tmp_path):
+    import json
+
+    from pipeline.core.ledger import ShardRecord, identity_hash
+
+    _latents(tmp_path)  # shard metadata as 0.1 wrote it: vae_source, vae_fingerprint, preset, ...
+    info = inspect_vae("random:tiny")
+    old_identity = {"fingerprint": info.fingerprint, "preset": "tiny", "scaling_factor": 0.18215, "shift_factor": 0.0,
+                    "format": "parquet", "latent_dtype": "float32", "preprocess": {}}
+    h = identity_hash(old_identity)
+    folder = tmp_path / "lat"
+    (folder / "_records").mkdir()
+    record = ShardRecord(name="s", input_url="in/s.tar", data_file="s.parquet", samples_read=3, samples_written=3,
+                         errors=(), bytes=(folder / "s.parquet").stat().st_size, sha256="x", identity_hash=h)
+    as_0_1 = {k: v for k, v in record.to_dict().items() if k != "counters"}
+    (folder / "_records" / "s.json").write_text(json.dumps(as_0_1))
+    (folder / "_latentcache.json").write_text(json.dumps({"version": 1, "identity": old_identity, "identity_hash": h,
+                                                          "shards": {"s": "in/s.tar"}, "total_shards": 1}))
+    import shutil
+
+    shutil.rmtree(folder / ".latentcache", ignore_errors=True)
+    worker, plan, _ = _worker(tmp_path, str(folder))
+    assert plan.inputs == {"s": str(folder / "s.parquet")}
+    assert plan.identity["vae_fingerprint"] == info.fingerprint and plan.worker_args["vae"]["source"] == "random:tiny"
 
 
 def test_a_shard_of_another_vae_cannot_succeed(tmp_path):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pipeline.config import RetryConfig
-from pipeline.core.scheduler import Scheduler, ShardResult, backoff_delay, plan
+from pipeline.core.scheduler import Scheduler, ShardResult, backoff_delay, pending_shards
 
 
 def _result(name: str, read: int = 10, errored: int = 0, attempt: int = 1) -> ShardResult:
@@ -14,8 +14,8 @@ def _result(name: str, read: int = 10, errored: int = 0, attempt: int = 1) -> Sh
 
 def test_plan_skips_committed_shards_only():
     shards = {"a": "s3://x/a.tar", "b": "s3://x/b.tar", "c": "s3://x/c.tar"}
-    assert plan(shards, {"b"}) == {"a": "s3://x/a.tar", "c": "s3://x/c.tar"}
-    assert plan(shards, {"a", "b", "c"}) == {}
+    assert pending_shards(shards, {"b"}) == {"a": "s3://x/a.tar", "c": "s3://x/c.tar"}
+    assert pending_shards(shards, {"a", "b", "c"}) == {}
 
 
 def test_backoff_grows_and_is_capped():

@@ -44,8 +44,8 @@ def test_bookkeeping_is_under_one_hidden_folder(output):
     assert top == [".latentcache", "a-0000.parquet", "b-0000.parquet", "c-0000.parquet"]
     assert (out / CURRENT.errors).exists() and (out / CURRENT.success).exists()
     # `cls` is not a passthrough member of this job: counted, not silently dropped
-    assert summary.counters["members_not_kept"] == 2
-    assert {r.name: r.counters.get("members_not_kept", 0) for r in Ledger(str(out)).job_records()} == \
+    assert summary.counters["members_not_kept.cls"] == 2
+    assert {r.name: r.counters.get("members_not_kept.cls", 0) for r in Ledger(str(out)).job_records()} == \
         {"a-0000": 0, "b-0000": 0, "c-0000": 2}
 
 

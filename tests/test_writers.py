@@ -293,7 +293,7 @@ def test_parquet_streams_row_groups_before_commit(tmp_path, monkeypatch) -> None
     assert [k for k, _, _ in read_latents(stats.path)] == [f"k{i:02d}" for i in range(40)]
 
 
-def test_safetensors_spools_tensors_and_stores_binary_members_as_tensors(tmp_path) -> None:
+def test_safetensors_spools_tensors_and_stores_members_as_tensors(tmp_path) -> None:
     import safetensors
 
     w = make_writer("safetensors", str(tmp_path), "s", META, latent_dtype="float16", columns=COLUMNS)
@@ -305,10 +305,36 @@ def test_safetensors_spools_tensors_and_stores_binary_members_as_tensors(tmp_pat
     with safetensors.safe_open(str(tmp_path / "s.safetensors"), framework="numpy") as f:  # the library accepts it
         assert f.get_tensor("extras.jpg.000001").tobytes() == b"\xff\xd8\x00binary"
         assert f.get_tensor("extras.jpg.000003").shape == (0,)
-        assert "extras.txt.000000" not in f.keys()  # text members stay in the samples JSON
+        assert f.get_tensor("extras.txt.000000").tobytes().decode() == "a cat 🐈"
+        assert len(f.metadata()["samples"]) < 300 * len(records)  # the header does not hold the members
     got = {k: m["extras"] for k, _, m in read_latents(stats.path)}
     assert got["b"] == {"txt": "a dog", "jpg": b"\xff\xd8\x00binary"} and got["d"] == {"jpg": b""}
     assert not w._tensors and w._spool.closed
+
+
+def test_safetensors_refuses_a_header_readers_would_reject(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(latent_writers, "SAFETENSORS_MAX_HEADER", 4096)
+    w = make_writer("safetensors", str(tmp_path), "s", META)
+    for i in range(40):
+        w.add(record(f"key-{i:04d}"))
+    with pytest.raises(ShardWriteError, match="safetensors header of 40 samples .* over the 0 MiB"):
+        w.commit()
+    assert listing(str(tmp_path)) == []
+
+
+def test_aborting_a_parquet_shard_mid_stream_is_quiet_and_leaves_nothing(tmp_path, monkeypatch, capsys) -> None:
+    import gc
+
+    monkeypatch.setattr(latent_writers, "ROW_GROUP_BYTES", 1024)
+    with pytest.raises(RuntimeError, match="boom"):
+        with make_writer("parquet", str(tmp_path), "s", META) as w:
+            for i in range(10):
+                w.add(record(f"k{i}"))  # row groups are in the temp file already
+            raise RuntimeError("boom")
+    del w
+    gc.collect()
+    assert listing(str(tmp_path)) == []
+    assert "Exception ignored" not in capsys.readouterr().err
 
 
 def test_schema_1_safetensors_with_base64_members_is_still_read(tmp_path) -> None:

@@ -134,6 +134,7 @@ class JobKind(ABC):
     name: ClassVar[str]
     config_type: ClassVar[type[RunConfig]]
     help: ClassVar[str] = ""
+    input_help: ClassVar[str] = "input shard URLs"
     # CLI flag (argparse dest) -> config key, for this kind's own flags; the common ones are the CLI's.
     flags: ClassVar[Mapping[str, str]] = {}
 
@@ -155,6 +156,9 @@ class JobKind(ABC):
     def wants_gpu(self, cfg: RunConfig) -> bool:
         """Whether the job's actors take a GPU where the cluster has them."""
         return True
+
+    def shard_done(self, result: Any) -> None:
+        """Called in the driver for each committed shard (`ShardResult`): say what a person should know."""
 
     def describe_summary(self, counters: Mapping[str, int]) -> str:
         """Extra words for the end-of-job line (the kind's counters)."""

@@ -35,6 +35,9 @@ class Layout:
 
 
 META_DIR = ".latentcache"
+# The key under which data files (Parquet schema metadata, safetensors header) and the errors table
+# hold latentcache's metadata.
+METADATA_KEY = "latentcache"
 CURRENT = Layout(manifest=f"{META_DIR}/manifest.json", records=f"{META_DIR}/records",
                  errors=f"{META_DIR}/errors.parquet", success=f"{META_DIR}/SUCCESS", tmp=f"{META_DIR}/tmp")
 LEGACY = Layout(manifest="_latentcache.json", records="_records", errors="_errors.parquet",
@@ -46,4 +49,4 @@ def is_reserved(name: str) -> bool:
     return name.startswith(("_", "."))
 
 
-__all__ = ["Layout", "CURRENT", "LEGACY", "META_DIR", "is_reserved"]
+__all__ = ["Layout", "CURRENT", "LEGACY", "META_DIR", "METADATA_KEY", "is_reserved"]

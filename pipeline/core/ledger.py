@@ -42,13 +42,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.core.layout import CURRENT, LEGACY, Layout
-from pipeline.core.sink import ShardStats
+from pipeline.core.layout import METADATA_KEY
+from pipeline.core.sink import ShardStats, check_shard_name
 from pipeline.core.storage import join, output_fs, write_atomically, write_bytes_atomically
 from pipeline.samples import SampleError
 
 logger = logging.getLogger(__name__)
 
-METADATA_KEY = "latentcache"
 MANIFEST_VERSION = 2
 _LEGACY_MANIFEST_VERSION = 1
 _LEGACY_DATA_EXTENSIONS = ("parquet", "safetensors")
@@ -94,11 +94,12 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: value}
 
 
-def identity_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+def identity_differences(old: Mapping[str, Any], new: Mapping[str, Any], *,
+                         labels: tuple[str, str] = ("output has", "this job has")) -> list[str]:
     """`field: output has X, this job has Y` for each differing (dotted) identity field."""
     a, b = _flatten(old), _flatten(new)
     missing = "<absent>"
-    return [f"{k}: output has {a.get(k, missing)}, this job has {b.get(k, missing)}"
+    return [f"{k}: {labels[0]} {a.get(k, missing)}, {labels[1]} {b.get(k, missing)}"
             for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
 
 
@@ -299,8 +300,10 @@ class Ledger:
         if data.get("version") != expected:
             raise LedgerError(f"{where}: manifest version {data.get('version')!r} is not supported; "
                               f"expected {expected}")
-        if self.legacy:  # 0.1 wrote encode jobs only, with these names
-            data = {**data, "kind": "encode", "data_extension": data["identity"].get("format", "parquet")}
+        if self.legacy:  # 0.1 wrote encode jobs only, and called the VAE's fingerprint `fingerprint`
+            identity = {**data["identity"], "vae_fingerprint": data["identity"].get("fingerprint")}
+            data = {**data, "identity": identity, "kind": "encode",
+                    "data_extension": data["identity"].get("format", "parquet")}
         return data
 
     def _job(self) -> dict[str, Any]:
@@ -341,10 +344,8 @@ class Ledger:
         for key in ("kind", "data_extension"):
             if not isinstance(manifest.get(key), str) or not manifest[key]:
                 raise ValueError(f"manifest {key}={manifest.get(key)!r} must be a non-empty string")
-        bad = sorted(n for n in shards if not n or n[0] in "_." or "/" in n)
-        if bad:
-            raise ValueError(f"shard names {bad[:5]} are not allowed; expected file stems without '/' "
-                             "that do not start with '_' or '.'")
+        for name in shards:
+            check_shard_name(name)
         try:
             old = self.read_manifest()
         except LedgerError as e:
@@ -414,6 +415,9 @@ class Ledger:
             return f"record names shard {record.name!r}"
         if record.identity_hash != self.identity_hash:
             return "record belongs to a job with another identity"
+        planned = self._job()["shards"].get(name)
+        if planned is not None and record.input_url != planned:
+            return f"record was made from {record.input_url}; the job reads this shard from {planned}"
         data = self._path(record.data_file)
         if sizes is None:
             self.fs.invalidate_cache(data)
@@ -505,7 +509,7 @@ class Ledger:
     # --- end of job --------------------------------------------------------------------------
 
     def write_errors_table(self) -> int:
-        """Write `_errors.parquet` from the committed shards' errors; returns the number of rows."""
+        """Write the errors table from the committed shards' errors; returns the number of rows."""
         errors = [e for r in self.job_records() for e in r.errors]
         table = pa.Table.from_pylist([e.to_dict() for e in errors], schema=_ERRORS_SCHEMA)
         table = table.replace_schema_metadata({METADATA_KEY: json.dumps({"identity_hash": self.identity_hash})})
@@ -514,7 +518,7 @@ class Ledger:
         return len(errors)
 
     def write_success(self, summary: Mapping[str, Any]) -> None:
-        """Write `_SUCCESS` (the caller's summary plus the ledger's counts) once every shard is committed.
+        """Write SUCCESS (the caller's summary plus the ledger's counts) once every shard is committed.
 
         Raises LedgerError naming the shards that are not committed.
         """

@@ -43,6 +43,7 @@ def error_message(e: BaseException) -> str:
 class _Actor:
     handle: Any
     number: int
+    spawned_at: float
     ready: bool = False
     load: int = 0
     killed_at: float = -1.0
@@ -82,7 +83,7 @@ class ActorPool:
     def _spawn(self) -> None:
         handle = self.make()
         self._made += 1
-        actor = _Actor(handle, self._made)
+        actor = _Actor(handle, self._made, time.monotonic())
         actor.describe_ref = handle.describe.remote()
         self.actors.append(actor)
 
@@ -90,13 +91,8 @@ class ActorPool:
         """Start `size` actors and wait until at least one is ready; returns the ready ones' `describe()`."""
         for _ in range(self.size):
             self._spawn()
-        deadline = time.monotonic() + self.startup_timeout_s
         while not any(a.ready for a in self.actors):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise PoolStartError(f"no actor was ready within {self.startup_timeout_s:.0f} s; the cluster may "
-                                     "lack the resources they ask for (a GPU each where GPUs are used)")
-            self.poll_starting(timeout=min(1.0, left))
+            self.poll_starting(timeout=min(1.0, self.startup_timeout_s))  # raises past the start-up timeout
         return self.infos
 
     def poll_starting(self, timeout: float = 0.0) -> list[dict[str, Any]]:
@@ -107,6 +103,11 @@ class ActorPool:
         pending = {a.describe_ref: a for a in self.actors if not a.ready and a.describe_ref is not None}
         if not pending:
             return []
+        if not any(a.ready for a in self.actors) and \
+                min(a.spawned_at for a in pending.values()) + self.startup_timeout_s < time.monotonic():
+            # Replacements too: a job whose every actor is gone and cannot be placed again must stop.
+            raise PoolStartError(f"no actor was ready within {self.startup_timeout_s:.0f} s; the cluster may lack "
+                                 "the resources they ask for (a GPU each where GPUs are used)")
         done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=timeout)
         fresh = []
         for ref in done:

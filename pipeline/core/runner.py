@@ -18,7 +18,7 @@ from pipeline import __version__
 from pipeline.config import RunConfig
 from pipeline.core.kind import JobKind, JobPlan, PermanentShardError, PlanContext
 from pipeline.core.pool import ActorPool, PoolStartError, error_message
-from pipeline.core.scheduler import Scheduler, ShardResult, plan
+from pipeline.core.scheduler import Scheduler, ShardResult, pending_shards
 from pipeline.core.shard import JobActor
 from pipeline.core.ledger import Ledger, build_manifest
 
@@ -35,6 +35,10 @@ SHARDS_PER_ACTOR = 2
 
 class JobError(RuntimeError):
     """The job stopped: shards failed for good, too many samples failed, or no actor could start."""
+
+
+class ErrorRateExceeded(JobError):
+    """Too many samples failed; the errors table is written before this is raised."""
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,7 @@ def _open_output(kind: JobKind, cfg: RunConfig, job: JobPlan) -> tuple[Ledger, s
                                    data_extension=job.data_extension, code_version=__version__,
                                    provenance=dict(job.provenance)), overwrite=cfg.overwrite)
     committed = {r.name for r in ledger.job_records()}
-    todo = plan(job.inputs, committed)
+    todo = pending_shards(job.inputs, committed)
     ledger.discard_all(todo)  # a stale record must never vouch for data being rewritten
     log.info("%d shard(s): %d committed already, %d to do", len(job.inputs), len(committed), len(todo))
     return ledger, committed, todo
@@ -153,9 +157,9 @@ def _check_actor(kind: JobKind, job: JobPlan, info: Mapping[str, Any]) -> None:
     if dict(info["identity"]) != dict(job.identity):
         from pipeline.core.ledger import identity_differences
 
-        diffs = "; ".join(identity_differences(job.identity, info["identity"])) or "identity differs"
+        diffs = identity_differences(job.identity, info["identity"], labels=("plan has", "actor has"))
         raise JobError(f"an actor loaded another model than the {kind.name} job was planned with "
-                       f"({diffs.replace('output has', 'plan has').replace('this job has', 'actor has')}); "
+                       f"({'; '.join(diffs) or 'identity differs'}); "
                        "check that the weights did not change while the job started")
 
 
@@ -185,7 +189,12 @@ def run_job(kind: JobKind | str, cfg: RunConfig, *, ray_address: str | None = No
                 _check_actor(kind, job, info)
             log.info("%d actor(s) starting; first ready: %s", len(pool.actors), pool.infos[0]["summary"])
             t_ready = time.monotonic()
-            _run_loop(kind, cfg, job, pool, sched, _Progress(len(job.inputs), len(committed), progress), on_result)
+            try:
+                _run_loop(kind, cfg, job, pool, sched, _Progress(len(job.inputs), len(committed), progress),
+                          on_result)
+            except ErrorRateExceeded:
+                ledger.write_errors_table()  # the samples behind the stop are what a person looks at next
+                raise
         if sched.failed:
             details = "; ".join(f"{n}: {r}" for n, r in sorted(sched.failed.items())[:10])
             ledger.write_errors_table()
@@ -223,8 +232,9 @@ def _run_loop(kind: JobKind, cfg: RunConfig, job: JobPlan, pool: ActorPool, sche
                     break
                 pool.submit(task, "process", now)
             if not pool.busy:
+                # Either every queued shard is backing off, or no actor is ready to take one.
                 ready_at = sched.next_ready_at()
-                time.sleep(max(0.0, min(1.0, (ready_at or now) - now)))
+                time.sleep(0.5 if ready_at is None or ready_at <= now else min(1.0, ready_at - now))
                 continue
             for outcome in pool.wait(timeout=1.0):
                 now = time.monotonic()
@@ -232,6 +242,7 @@ def _run_loop(kind: JobKind, cfg: RunConfig, job: JobPlan, pool: ActorPool, sche
                 if outcome.error is None:
                     assert outcome.result is not None
                     sched.succeeded(outcome.result)
+                    kind.shard_done(outcome.result)
                     bar.update(sched)
                     if on_result is not None:
                         on_result(outcome.result)
@@ -248,7 +259,7 @@ def _run_loop(kind: JobKind, cfg: RunConfig, job: JobPlan, pool: ActorPool, sche
                             cfg.retry.shard_timeout_s)
             message = sched.error_rate_exceeded()
             if message:
-                raise JobError(f"stopping the job: {message}")
+                raise ErrorRateExceeded(f"stopping the job: {message}")
     except PoolStartError as e:
         raise JobError(f"the {kind.name} actors could not be replaced: {e}") from e
     finally:

@@ -43,7 +43,7 @@ def backoff_delay(attempt: int, retry: RetryConfig) -> float:
     return min(retry.backoff_max_s, retry.backoff_s * 2 ** (attempt - 1))
 
 
-def plan(names_to_urls: Mapping[str, str], committed: set[str]) -> dict[str, str]:
+def pending_shards(names_to_urls: Mapping[str, str], committed: set[str]) -> dict[str, str]:
     """The shards still to do: every input shard whose output is not committed."""
     return {n: u for n, u in names_to_urls.items() if n not in committed}
 
@@ -128,4 +128,4 @@ class Scheduler:
         return None
 
 
-__all__ = ["Scheduler", "ShardTask", "ShardResult", "backoff_delay", "plan"]
+__all__ = ["Scheduler", "ShardTask", "ShardResult", "backoff_delay", "pending_shards"]

@@ -99,7 +99,8 @@ def _lists(column: pa.Array, shapes: list[list[int]]) -> list[np.ndarray | None]
             for i in range(len(column))]
 
 
-def _read_parquet(fs: AbstractFileSystem, path: str, name: str, with_logvar: bool) -> Iterator[tuple[str, np.ndarray, dict]]:
+def _read_parquet(fs: AbstractFileSystem, path: str, name: str,
+                  with_logvar: bool) -> Iterator[tuple[str, np.ndarray, dict]]:
     with fs.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
         schema = pf.schema_arrow
@@ -130,7 +131,8 @@ def _read_parquet(fs: AbstractFileSystem, path: str, name: str, with_logvar: boo
 _NP_DTYPES = {"F16": np.float16, "F32": np.float32, "U8": np.uint8}
 
 
-def _read_safetensors(fs: AbstractFileSystem, path: str, name: str, with_logvar: bool) -> Iterator[tuple[str, np.ndarray, dict]]:
+def _read_safetensors(fs: AbstractFileSystem, path: str, name: str,
+                      with_logvar: bool) -> Iterator[tuple[str, np.ndarray, dict]]:
     where = fs.unstrip_protocol(path)
     if isinstance(fs, LocalFileSystem):  # memory-mapped, tensors loaded one at a time
         with safetensors.safe_open(path, framework="numpy") as handle:
@@ -171,7 +173,9 @@ def _safetensors_samples(header_meta: Mapping[str, str], get: Any, where: str, n
         logvar_flip = get(f"logvar_flip.{suffix}") if s["flip"] and with_logvar else None
         extras = {e: (v if is_text_extension(e) else base64.b64decode(v))  # schema 1 kept binary as base64
                   for e, v in s["extras"].items()}
-        extras.update({e: get(f"extras.{e}.{suffix}").tobytes() for e in s.get("binary_extras", ())})
+        for e in s.get("members", ()):
+            data = get(f"extras.{e}.{suffix}").tobytes()
+            extras[e] = data.decode("utf-8") if is_text_extension(e) else data
         meta: dict[str, Any] = {
             "shard": name,
             "original_size": tuple(s["original_size"]),
@@ -217,6 +221,42 @@ def shard_urls(url: str | Sequence[str], storage_options: Mapping[str, Any] | No
     return [fs.unstrip_protocol(f) if "://" in url else f for f in files]
 
 
+def expand_latent_inputs(patterns: Sequence[str], storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """Latent shard URLs from input patterns: output folders (their committed shards), shard files,
+    brace patterns of them (each must exist) and globs (which must match). De-duplicated, in order.
+    Raises ShardListingError naming the pattern when a named shard is missing or a glob matches none."""
+    import braceexpand
+
+    from pipeline.io.shards import ShardListingError
+
+    out: list[str] = []
+    for pattern in patterns:
+        for sub in braceexpand.braceexpand(pattern):
+            fs, path = output_fs(sub, storage_options)
+            prefix = sub[: sub.index("://") + 3] if "://" in sub else ""
+            if any(c in path for c in "*?["):
+                fs.invalidate_cache()
+                matched = sorted(p for p in fs.glob(path) if _format_of(p) and not is_reserved(posixpath.basename(p)))
+                if not matched:
+                    raise ShardListingError(pattern, f"glob {sub!r} matched no latent shards "
+                                                     f"(*.{' or *.'.join(sorted(_EXTENSIONS))})")
+                out.extend(prefix + p if prefix else p for p in matched)
+            elif is_shard_file(sub):
+                fs.invalidate_cache(path)
+                if not fs.exists(path):
+                    raise ShardListingError(pattern, f"latent shard {sub!r} does not exist")
+                out.append(sub)
+            else:
+                try:
+                    found = shard_urls(sub, storage_options)
+                except FileNotFoundError as e:
+                    raise ShardListingError(pattern, str(e)) from e
+                if not found:
+                    raise ShardListingError(pattern, f"folder {sub!r} holds no committed latent shards")
+                out.extend(found)
+    return list(dict.fromkeys(out))
+
+
 def read_latents(url: str, storage_options: Mapping[str, Any] | None = None, *,
                  with_logvar: bool = False) -> Iterator[tuple[str, np.ndarray, dict]]:
     """Yield (key, latent (C, h, w), meta) for one shard file or every committed shard of a folder."""
@@ -228,4 +268,4 @@ def read_latents(url: str, storage_options: Mapping[str, Any] | None = None, *,
         yield from reader(fs, file, name, with_logvar)
 
 
-__all__ = ["is_shard_file", "read_latents", "read_shard_metadata", "shard_urls"]
+__all__ = ["expand_latent_inputs", "is_shard_file", "read_latents", "read_shard_metadata", "shard_urls"]

@@ -40,19 +40,20 @@ safetensors layout (one file per shard; bucketed shards mix shapes, so one tenso
 
     latent.000017, logvar.000017           (C, h, w) in the storage dtype, sample index 17
     latent_flip.000017, logvar_flip.000017 present only for samples with a flipped latent
-    extras.<ext>.000017                    uint8 bytes of a binary passthrough member
+    extras.<ext>.000017                    uint8 bytes of a passthrough member (text as UTF-8)
     __metadata__["latentcache"]            the shard metadata JSON (as for Parquet)
     __metadata__["samples"]                JSON list, in sample order, of {index, key,
                                            original_size, crop_top_left, target_size,
-                                           latent_shape, flip, extras, binary_extras}; extras
-                                           hold text members as str; binary_extras names the
-                                           binary members stored as tensors (schema 1 kept
-                                           them base64 in extras, which readers still accept)
+                                           latent_shape, flip, members}; members names the
+                                           passthrough members stored as tensors (schema 1 kept
+                                           them in `extras`, text as str and binary as base64,
+                                           which readers still accept)
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -62,10 +63,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.core.layout import METADATA_KEY
 from pipeline.core.sink import InvalidRecordError, ShardSink, ShardStats
 from pipeline.core.storage import ShardWriteError
 
-METADATA_KEY = "latentcache"
 SCHEMA_VERSION = "2"
 STORAGE_DTYPES: dict[str, type[np.floating]] = {"float16": np.float16, "float32": np.float32}
 TEXT_EXTENSIONS = frozenset({
@@ -78,6 +79,7 @@ SIZE_COLUMNS = ("original_height", "original_width", "crop_top", "crop_left",
 RESERVED_COLUMNS = frozenset({"key", "latent_shape", *LATENT_COLUMNS, *SIZE_COLUMNS})
 # Writer-owned keys in the shard metadata; the caller may not give them other values.
 _OWN_METADATA = ("schema_version", "format", "storage_dtype", "shard")
+log = logging.getLogger(__name__)
 # A row group (and the records buffered for it) holds about this many bytes: memory per writer.
 ROW_GROUP_BYTES = 32 * 2**20
 _COPY_CHUNK = 8 * 2**20
@@ -293,9 +295,19 @@ class ParquetShardWriter(ShardWriter):
     def _release(self) -> None:
         self._buffer = []
         self._buffered_bytes = 0
+        if self._pq is not None and self._state == "aborted":
+            writer, self._pq = self._pq, None
+            try:
+                # Closed here, before the upload is dropped: left to the garbage collector, pyarrow
+                # would write its footer into a discarded upload and print the error it gets.
+                writer.close()
+            except (OSError, ShardWriteError):  # the shard is being thrown away; its footer does not matter
+                log.debug("closing the Parquet writer of aborted shard %s", self.name, exc_info=True)
 
 
 _SAFETENSORS_DTYPES = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32", np.dtype(np.uint8): "U8"}
+# safetensors refuses headers above 100 MB; stay well below, since the header is held in memory.
+SAFETENSORS_MAX_HEADER = 64 * 2**20
 
 
 class SafetensorsShardWriter(ShardWriter):
@@ -326,22 +338,24 @@ class SafetensorsShardWriter(ShardWriter):
         if r.latent_flip is not None:
             self._tensor(f"latent_flip.{suffix}", r.latent_flip)
             self._tensor(f"logvar_flip.{suffix}", r.logvar_flip)  # type: ignore[arg-type]
-        binary = sorted(ext for ext in r.extras if not is_text_extension(ext))
-        for ext in binary:
+        members = sorted(r.extras)
+        for ext in members:  # in the data section, not the header: a header is held whole in memory
             self._tensor(f"extras.{ext}.{suffix}", np.frombuffer(r.extras[ext], dtype=np.uint8))
         self._samples.append(json.dumps({
             "index": i, "key": r.key,
             "original_size": list(r.original_size), "crop_top_left": list(r.crop_top_left),
             "target_size": list(r.target_size), "latent_shape": list(r.latent.shape),
-            "flip": r.latent_flip is not None,
-            "extras": {ext: v.decode("utf-8") for ext, v in sorted(r.extras.items()) if is_text_extension(ext)},
-            "binary_extras": binary,
+            "flip": r.latent_flip is not None, "extras": {}, "members": members,
         }, ensure_ascii=False))
 
     def _finish(self) -> None:
         metadata = {METADATA_KEY: self._metadata_json(), "samples": "[" + ",".join(self._samples) + "]"}
         header = json.dumps({"__metadata__": metadata, **self._tensors}, ensure_ascii=False).encode("utf-8")
         header += b" " * (-len(header) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
+        if len(header) > SAFETENSORS_MAX_HEADER:
+            raise ShardWriteError(f"shard {self.name}: the safetensors header of {len(self._samples)} samples is "
+                                  f"{len(header) / 2**20:.0f} MiB, over the {SAFETENSORS_MAX_HEADER // 2**20} MiB "
+                                  "readers accept; write smaller shards or use format=parquet")
         self.out.write(len(header).to_bytes(8, "little"))
         self.out.write(header)
         self._spool.seek(0)

@@ -9,12 +9,10 @@ one named in the latents' manifest (or shard metadata); another VAE is refused b
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import logging
 import posixpath
-import threading
 from dataclasses import dataclass
 from typing import Any, Hashable, Iterable, Mapping
 
@@ -22,16 +20,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vae import NonFiniteError, inspect_vae
+from vae import inspect_vae
 
 from pipeline.config import DecodeConfig, VAEConfig
-from pipeline.core.kind import JobKind, JobPlan, PermanentShardError, PlanContext, PlanError, ShardContext, ShardWorker
-from pipeline.core.scheduler import ShardTask
-from pipeline.jobs.encode import build_codec, compute_device_and_dtype, vae_identity, vae_provenance
+from pipeline.core.kind import JobKind, JobPlan, PermanentShardError, PlanContext, PlanError, ShardContext
 from pipeline.core.ledger import Ledger
-from pipeline.io.latent_reader import is_shard_file, read_latents, read_shard_metadata, shard_urls
-from pipeline.samples import SampleError
+from pipeline.core.scheduler import ShardTask
+from pipeline.io.latent_reader import expand_latent_inputs, is_shard_file, read_latents, read_shard_metadata
 from pipeline.io.tar_writer import TarSample, TarShardWriter
+from pipeline.jobs.vae_worker import (VAE_FLAGS, VAEWorker, add_vae_arguments, compute_device_and_dtype,
+                                      vae_identity, vae_provenance)
+from pipeline.posterior import generator, sample_scaled
+from pipeline.samples import SampleError
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +45,6 @@ def latent_shard_name(url: str) -> str:
     if not stem:
         raise PlanError(f"latent shard {url!r} has no file name to derive an output name from")
     return stem
-
-
-def posterior_noise(seed: int, key: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """Standard normal noise for sample `key`, the same on every machine and in every batch."""
-    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
-    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-    return torch.randn(shape, generator=gen, dtype=torch.float32)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -77,48 +70,44 @@ class PreparedLatent:
     meta: Mapping[str, Any]
 
 
-def _latents_identity(urls: list[str], cfg: DecodeConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The identity and provenance of the latents: from the encode jobs' manifests where the inputs
-    are their folders (which must agree on the VAE), else from the first shard's metadata. Every
-    shard is checked again by the workers before it is decoded."""
-    found: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
+def _provenance_of_shard(url: str, cfg: DecodeConfig) -> dict[str, Any]:
+    meta = read_shard_metadata(url, cfg.storage_options)
+    return {"vae_source": meta.get("vae_source"), "vae_seed": int(meta.get("vae_seed", "0"))}
+
+
+def _latents_identity(urls: list[str], cfg: DecodeConfig) -> tuple[dict[str, Any], dict[str, Any], str | None]:
+    """The identity, provenance and identity hash of the latents: from the encode jobs' manifests
+    where the inputs are their folders (which must agree on the VAE), else from the first shard's
+    metadata. Every shard is checked again by the workers before it is decoded."""
+    found: list[tuple[str, dict[str, Any]]] = []
     for pattern in cfg.input:
         if is_shard_file(pattern):
             continue
         manifest = Ledger(pattern, cfg.storage_options).read_manifest()
         if manifest is not None:
-            found.append((pattern, dict(manifest["identity"]), dict(manifest.get("provenance", {}))))
-    for pattern, identity, _ in found[1:]:
-        if identity.get("vae_fingerprint") != found[0][1].get("vae_fingerprint"):
-            raise PlanError(f"inputs {found[0][0]} and {pattern} were made with different VAEs "
-                            f"({found[0][1].get('vae_fingerprint')} and {identity.get('vae_fingerprint')}); "
-                            "decode them as separate jobs")
+            found.append((pattern, manifest))
+    for pattern, manifest in found[1:]:
+        theirs, first = manifest["identity"].get("vae_fingerprint"), found[0][1]["identity"].get("vae_fingerprint")
+        if theirs != first:
+            raise PlanError(f"inputs {found[0][0]} and {pattern} were made with different VAEs ({first} and "
+                            f"{theirs}); decode them as separate jobs")
     if found:
-        return found[0][1], found[0][2]
+        manifest = found[0][1]
+        # An output of latentcache 0.1 has no provenance in its manifest; its shards name the VAE.
+        provenance = dict(manifest.get("provenance") or _provenance_of_shard(urls[0], cfg))
+        return dict(manifest["identity"]), provenance, manifest["identity_hash"] if len(found) == 1 else None
     meta = read_shard_metadata(urls[0], cfg.storage_options)
     identity = {"vae_fingerprint": meta.get("vae_fingerprint"), "preset": meta.get("preset")}
-    provenance = {"vae_source": meta.get("vae_source"), "vae_seed": int(meta.get("vae_seed", "0"))}
-    return identity, provenance
+    return identity, _provenance_of_shard(urls[0], cfg), None
 
 
-class DecodeWorker(ShardWorker):
-    """Decodes latent shards with one codec; model calls are serialised by a lock, images are
-    encoded to PNG/JPEG/WebP outside it."""
+class DecodeWorker(VAEWorker):
+    """Decodes latent shards with one codec; images are encoded to PNG/JPEG/WebP outside the model lock."""
 
     def __init__(self, cfg: DecodeConfig, plan: JobPlan) -> None:
+        super().__init__(VAEConfig(**plan.worker_args["vae"]), plan, storage_options=cfg.storage_options,
+                         batch_size=cfg.batch_size, threads=cfg.decode_threads)
         self.cfg = cfg
-        self.plan = plan
-        self.vae = VAEConfig(**plan.worker_args["vae"])
-        self.codec = build_codec(self.vae, cfg.storage_options)
-        self.batch_size = cfg.batch_size
-        self.threads = cfg.decode_threads
-        self._model_lock = threading.Lock()
-
-    def describe(self) -> dict[str, Any]:
-        codec = self.codec
-        identity = {**self.plan.identity,
-                    **vae_identity(codec.fingerprint, codec.preset, str(codec.dtype).removeprefix("torch."))}
-        return {"identity": identity, "summary": repr(codec), "random_weights": codec.random_weights}
 
     def read(self, task: ShardTask) -> Iterable[tuple[str, np.ndarray, dict]]:
         meta = read_shard_metadata(task.url, self.cfg.storage_options)
@@ -130,8 +119,8 @@ class DecodeWorker(ShardWorker):
         scaling = (float(meta.get("scaling_factor", "nan")), float(meta.get("shift_factor", "nan")))
         if scaling != (self.codec.scaling_factor, self.codec.shift_factor):
             raise PermanentShardError(
-                f"latent shard {task.url} is scaled by {scaling[0]} with shift {scaling[1]}; the {self.codec.preset.name} "
-                f"VAE uses {self.codec.scaling_factor} and {self.codec.shift_factor}")
+                f"latent shard {task.url} is scaled by {scaling[0]} with shift {scaling[1]}; the "
+                f"{self.codec.preset.name} VAE uses {self.codec.scaling_factor} and {self.codec.shift_factor}")
         return read_latents(task.url, self.cfg.storage_options, with_logvar=self.cfg.sample == "posterior")
 
     def key_of(self, item: tuple[str, np.ndarray, dict]) -> str:
@@ -154,48 +143,38 @@ class DecodeWorker(ShardWorker):
             logvar = meta.get("logvar")
             if logvar is None or logvar.shape != latent.shape or not np.isfinite(logvar).all():
                 return bad("has no finite log-variance of its shape to sample the posterior from")
-            std = np.exp(0.5 * logvar.astype(np.float32))
-            z = z + self.codec.scaling_factor * std * posterior_noise(self.cfg.seed, key, z.shape).numpy()
+            z = sample_scaled(torch.from_numpy(z), torch.from_numpy(logvar.astype(np.float32)),
+                              self.codec.scaling_factor, generator(self.cfg.seed, key)).numpy()
         return PreparedLatent(key, z, meta)
 
     def batch_key(self, prepared: PreparedLatent) -> Hashable:
         return prepared.latent.shape
 
-    def _decode(self, latents: list[np.ndarray]) -> np.ndarray:
-        z = torch.from_numpy(np.stack(latents))
-        with self._model_lock:
+    def _decode(self, batch: list[PreparedLatent]) -> list[np.ndarray]:
+        z = torch.from_numpy(np.stack([p.latent for p in batch]))
+        with self.model_lock:
             images = self.codec.decode(self.codec.unscale(z))
-        return to_uint8(images)
+        return list(to_uint8(images))
+
+    def _sample(self, p: PreparedLatent, image: np.ndarray, url: str) -> TarSample | SampleError:
+        meta = p.meta
+        members = {self.cfg.image_format: encode_image(image, self.cfg.image_format, self.cfg.quality)}
+        for ext, value in meta["extras"].items():
+            if ext in members or ext == INFO_MEMBER:
+                return SampleError(p.key, url, "write", f"passthrough member {ext!r} clashes with a member this "
+                                                        "job writes")
+            members[ext] = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+        members[INFO_MEMBER] = json.dumps({
+            "original_size": list(meta["original_size"]), "crop_top_left": list(meta["crop_top_left"]),
+            "target_size": list(meta["target_size"]), "latent_shape": list(p.latent.shape),
+            "vae_fingerprint": self.codec.fingerprint, "latent_shard": meta["shard"], "sample": self.cfg.sample,
+        }, sort_keys=True).encode()
+        return TarSample(p.key, members)
 
     def step(self, batch: list[PreparedLatent], ctx: ShardContext) -> Iterable[TarSample | SampleError]:
-        try:
-            pixels = self._decode([p.latent for p in batch])
-        except NonFiniteError as e:
-            bad = set(e.indices)
-            out: list[TarSample | SampleError] = [SampleError(batch[i].key, ctx.task.url, "decode", str(e))
-                                                  for i in sorted(bad)]
-            rest = [p for i, p in enumerate(batch) if i not in bad]
-            return out + (list(self.step(rest, ctx)) if rest else [])
-        samples: list[TarSample | SampleError] = []
-        for p, image in zip(batch, pixels):
-            meta = p.meta
-            members = {self.cfg.image_format: encode_image(image, self.cfg.image_format, self.cfg.quality)}
-            for ext, value in meta["extras"].items():
-                if ext in members or ext == INFO_MEMBER:
-                    samples_error = SampleError(p.key, ctx.task.url, "write",
-                                                f"passthrough member {ext!r} clashes with a member this job writes")
-                    samples.append(samples_error)
-                    break
-                members[ext] = value.encode("utf-8") if isinstance(value, str) else bytes(value)
-            else:
-                members[INFO_MEMBER] = json.dumps({
-                    "original_size": list(meta["original_size"]), "crop_top_left": list(meta["crop_top_left"]),
-                    "target_size": list(meta["target_size"]), "latent_shape": list(p.latent.shape),
-                    "vae_fingerprint": self.codec.fingerprint, "latent_shard": meta["shard"],
-                    "sample": self.cfg.sample,
-                }, sort_keys=True).encode()
-                samples.append(TarSample(p.key, members))
-        return samples
+        decoded = self.split_non_finite(batch, ctx, "decode", lambda b: list(zip(b, self._decode(list(b)))))
+        # Image encoding runs here, outside the model lock, while the other shard's batch decodes.
+        return [d if isinstance(d, SampleError) else self._sample(d[0], d[1], ctx.task.url) for d in decoded]
 
     def open_sink(self, task: ShardTask) -> TarShardWriter:
         return TarShardWriter(self.cfg.output, task.name, storage_options=self.cfg.storage_options)
@@ -207,24 +186,20 @@ class DecodeJob(JobKind):
     name = "decode"
     config_type = DecodeConfig
     help = "decode latent shards back into WebDataset image shards (resumable)"
-    flags = {"vae": "vae.source", "preset": "vae.preset", "dtype": "vae.dtype", "device": "vae.device",
-             "image_format": "image_format", "quality": "quality", "sample": "sample", "seed": "seed",
-             "batch_size": "batch_size"}
+    input_help = ("latent shards: an encode job's output folder, or shard files (braces {000..009} and "
+                  "globs allowed)")
+    flags = {**VAE_FLAGS, "image_format": "image_format", "quality": "quality", "sample": "sample", "seed": "seed"}
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
-        p.add_argument("--vae", help="weights (default: the VAE named in the latents' manifest)")
-        p.add_argument("--preset", help="VAE family of --vae: sd15, sdxl, sd3, flux, tiny")
-        p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], help="compute precision")
-        p.add_argument("--device", help="auto, cpu, cuda")
+        add_vae_arguments(p, vae_help="weights (default: the VAE named in the latents' manifest)")
         p.add_argument("--image-format", choices=list(_PIL_FORMATS))
         p.add_argument("--quality", type=int, help="JPEG/WebP quality (1-100)")
         p.add_argument("--sample", choices=["mode", "posterior"],
                        help="decode the stored mean (mode) or a seeded sample of the posterior")
         p.add_argument("--seed", type=int, help="seed of the posterior samples")
-        p.add_argument("--batch-size", type=int)
 
     def inputs(self, cfg: DecodeConfig) -> dict[str, str]:  # type: ignore[override]
-        urls = shard_urls(list(cfg.input), cfg.storage_options)
+        urls = expand_latent_inputs(cfg.input, cfg.storage_options)
         if not urls:
             raise PlanError(f"input {list(cfg.input)}: no committed latent shards to decode")
         names: dict[str, str] = {}
@@ -237,21 +212,23 @@ class DecodeJob(JobKind):
         return names
 
     def wants_gpu(self, cfg: DecodeConfig) -> bool:  # type: ignore[override]
-        return cfg.vae is None or cfg.vae.device != "cpu"
+        return cfg.vae.device != "cpu"
 
     def _vae_config(self, cfg: DecodeConfig, provenance: Mapping[str, Any], preset: str | None) -> VAEConfig:
-        if cfg.vae is not None:
-            return cfg.vae
+        """`--vae` as given, else the latents' own VAE (source, preset, seed), run as `cfg.vae` says."""
+        run = {"dtype": cfg.vae.dtype, "device": cfg.vae.device, "compile": cfg.vae.compile}
+        if cfg.vae.source:
+            return VAEConfig(source=cfg.vae.source, preset=cfg.vae.preset, seed=cfg.vae.seed, **run)
         source = provenance.get("vae_source")
         if not source:
             raise PlanError("the latents do not name the VAE that made them (no vae_source in their manifest "
                             "or metadata); pass --vae and --preset")
         random_source = str(source).startswith("random:")
         return VAEConfig(source=str(source), preset=None if random_source else preset,
-                         seed=int(provenance.get("vae_seed", 0)))
+                         seed=int(provenance.get("vae_seed", 0)), **run)
 
     def plan(self, cfg: DecodeConfig, inputs: Mapping[str, str], ctx: PlanContext) -> JobPlan:  # type: ignore[override]
-        latents, provenance = _latents_identity(list(inputs.values()), cfg)
+        latents, provenance, latents_hash = _latents_identity(list(inputs.values()), cfg)
         vae = self._vae_config(cfg, provenance, latents.get("preset"))
         info = inspect_vae(vae.source, vae.preset, seed=vae.seed, storage_options=cfg.storage_options)
         if info.fingerprint != latents.get("vae_fingerprint"):
@@ -265,6 +242,8 @@ class DecodeJob(JobKind):
             identity["quality"] = cfg.quality
         if cfg.sample == "posterior":
             identity["seed"] = cfg.seed
+        if latents_hash is not None:  # another encode job's latents into the same output are another job
+            identity["latents_identity_hash"] = latents_hash
         return JobPlan(inputs=dict(inputs), identity=identity, provenance=vae_provenance(vae, info.random_weights),
                        data_extension=TarShardWriter.extension,
                        worker_args={"vae": {"source": vae.source, "preset": vae.preset, "seed": vae.seed,
@@ -274,4 +253,4 @@ class DecodeJob(JobKind):
         return DecodeWorker(cfg, plan)
 
 
-__all__ = ["DecodeJob", "DecodeWorker", "posterior_noise", "to_uint8", "INFO_MEMBER"]
+__all__ = ["DecodeJob", "DecodeWorker", "to_uint8", "INFO_MEMBER"]

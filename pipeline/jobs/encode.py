@@ -10,115 +10,104 @@ from __future__ import annotations
 import argparse
 import logging
 import threading
+import time
 from typing import Any, Hashable, Iterable, Mapping
 
 import numpy as np
 from PIL import Image
 
-from vae import NonFiniteError, VAECodec, inspect_vae, load_vae
+from vae import inspect_vae
 
-from pipeline import __version__
-from pipeline.config import EncodeConfig, VAEConfig, to_dict
-from pipeline.core.kind import JobKind, JobPlan, PlanContext, ShardContext, ShardWorker
-from pipeline.core.scheduler import ShardTask
+from pipeline.config import EncodeConfig, to_dict
+from pipeline.core.kind import JobKind, JobPlan, PlanContext, ShardContext, shard_metadata
 from pipeline.core.ledger import Ledger, LedgerError
-from pipeline.io.tar_reader import ShardReadError, iter_shard
-from pipeline.samples import PreparedSample, RawSample, SampleError
-from pipeline.io.shards import check_unique_names, expand_inputs
-from pipeline.transforms import IMAGE_EXTENSIONS, SampleDecodeError, hflip, prepare, to_model_input
+from pipeline.core.scheduler import ShardTask
 from pipeline.io.latent_writers import LatentRecord, ShardWriter, make_writer
+from pipeline.io.shards import check_unique_names, expand_inputs
+from pipeline.io.tar_reader import ShardReadError, iter_shard
+from pipeline.jobs.vae_worker import (VAE_FLAGS, VAEWorker, add_vae_arguments, compute_device_and_dtype,
+                                      vae_identity, vae_provenance)
+from pipeline.samples import PreparedSample, RawSample, SampleError
+from pipeline.transforms import IMAGE_EXTENSIONS, SampleDecodeError, hflip, prepare, to_model_input
 
 log = logging.getLogger(__name__)
 
-# Samples of the first shard looked at to find the passthrough members, when the config names none.
-PASSTHROUGH_PEEK = 16
-
-
-def compute_device_and_dtype(cfg: VAEConfig, device: str) -> tuple[str, str]:
-    """The device and compute dtype a VAE config means on actors of `device` (cuda or cpu):
-    `auto` picks bfloat16 on CUDA and float32 on the CPU."""
-    chosen = device if cfg.device == "auto" else cfg.device
-    dtype = cfg.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if chosen.startswith("cuda") else "float32"
-    return chosen, dtype
-
-
-def build_codec(cfg: VAEConfig, storage_options: Mapping[str, Any] | None = None) -> VAECodec:
-    """The codec a job's VAE config asks for, on this process's device."""
-    import torch
-
-    device, dtype = compute_device_and_dtype(cfg, "cuda" if torch.cuda.is_available() else "cpu")
-    return load_vae(cfg.source, cfg.preset, device=device, dtype=dtype, seed=cfg.seed,
-                    storage_options=storage_options, compile=cfg.compile)
-
-
-def vae_identity(fingerprint: str, preset: Any, compute_dtype: str) -> dict[str, Any]:
-    """The VAE's part of a job identity: which weights, which latent scaling, which precision."""
-    return {"vae_fingerprint": fingerprint, "preset": preset.name, "scaling_factor": float(preset.scaling_factor),
-            "shift_factor": float(preset.shift_factor), "compute_dtype": compute_dtype}
-
-
-def vae_provenance(cfg: VAEConfig, random_weights: bool) -> dict[str, Any]:
-    """Where the VAE came from: enough for a decode job to load it again by default."""
-    return {"vae_source": cfg.source, "vae_seed": cfg.seed, "vae_random_weights": random_weights,
-            "code_version": __version__}
+# Where the passthrough members are found when the config names none: the first samples of the
+# first shards (a streamed read of each shard's head, not of the shard).
+PASSTHROUGH_PEEK_SHARDS = 4
+PASSTHROUGH_PEEK_SAMPLES = 16
+PASSTHROUGH_PEEK_TIMEOUT_S = 60.0
 
 
 def _non_image_members(sample: RawSample) -> set[str]:
     return {k for k in sample if not k.startswith("__") and k not in IMAGE_EXTENSIONS}
 
 
+def _peek_members(url: str, storage_options: Mapping[str, Any], out: dict[str, set[str] | BaseException]) -> None:
+    found: set[str] = set()
+    try:
+        for i, item in enumerate(iter_shard(url, storage_options)):
+            if not isinstance(item, SampleError):
+                found |= _non_image_members(item)
+            if i + 1 >= PASSTHROUGH_PEEK_SAMPLES:
+                break
+    except ShardReadError as e:  # the shard itself is retried (and reported) by the job
+        out[url] = e
+        return
+    out[url] = found
+
+
 def find_passthrough(cfg: EncodeConfig, inputs: Mapping[str, str]) -> tuple[str, ...]:
     """The job's passthrough members: the config's; else those of the job already in the output
     (so a resume keeps its columns); else the non-image members of the first samples of the first
-    shard."""
+    shards. Raises ShardReadError when none of those shards can be read in time."""
     if cfg.passthrough is not None:
         return cfg.passthrough
-    try:
-        old = Ledger(cfg.output, cfg.storage_options).read_manifest()
-    except LedgerError:
-        old = None  # open_job reports it
-    if old is not None and old.get("kind") == "encode" and "passthrough" in old["identity"]:
-        return tuple(old["identity"]["passthrough"])
-    first = next(iter(inputs.values()))
-    found: set[str] = set()
-    seen = 0
-    try:
-        for item in iter_shard(first, cfg.storage_options):
-            if not isinstance(item, SampleError):
-                found |= _non_image_members(item)
-            seen += 1
-            if seen >= PASSTHROUGH_PEEK:
-                break
-    except ShardReadError as e:
-        raise ShardReadError(first, RuntimeError(
-            f"{e.cause}; it was read to find the members to keep beside each latent: set `passthrough` "
-            "(e.g. --set 'passthrough=[txt,json]') to skip this")) from e
+    if not cfg.overwrite:
+        try:
+            old = Ledger(cfg.output, cfg.storage_options).read_manifest()
+        except LedgerError:
+            old = None  # open_job reports it
+        if old is not None and old.get("kind") == "encode" and "passthrough" in old["identity"]:
+            return tuple(old["identity"]["passthrough"])
+    urls = list(inputs.values())[:PASSTHROUGH_PEEK_SHARDS]
+    results: dict[str, set[str] | BaseException] = {}
+    # Daemon threads with a deadline: a read that hangs (a stalled mount, a FIFO) must not hang the
+    # driver; that shard is then only the job's to time out and report.
+    threads = [threading.Thread(target=_peek_members, args=(u, cfg.storage_options, results), daemon=True,
+                                name=f"peek-{i}") for i, u in enumerate(urls)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + min(PASSTHROUGH_PEEK_TIMEOUT_S, cfg.retry.shard_timeout_s)
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    found = set().union(*(r for r in results.values() if isinstance(r, set)))
+    if not any(isinstance(r, set) for r in results.values()):
+        failed = [r for r in results.values() if isinstance(r, BaseException)]
+        why = f"{failed[0]}" if failed else f"reading them took over {PASSTHROUGH_PEEK_TIMEOUT_S:.0f} s"
+        raise ShardReadError(urls[0], RuntimeError(
+            f"{why}; the first shards were read to find the members to keep beside each latent: set "
+            "`passthrough` (e.g. --set 'passthrough=[txt,json]') to skip this"))
+    skipped = [u for u in urls if not isinstance(results.get(u), set)]
+    if skipped:
+        log.warning("could not read the head of %s to find passthrough members; using the others'", skipped)
+    log.info("passthrough members (from the first samples of %d shard(s)): %s; set `passthrough` to choose",
+             len(urls) - len(skipped), sorted(found))
     return tuple(sorted(found))
 
 
-class EncodeWorker(ShardWorker):
-    """Encodes shards with one codec; model calls are serialised by a lock."""
+class EncodeWorker(VAEWorker):
+    """Encodes image shards with one codec."""
 
     def __init__(self, cfg: EncodeConfig, plan: JobPlan) -> None:
         # transforms checks sizes against both limits; lift Pillow's own (process-wide, so only
         # here in the actor's own process) when the config allows more.
         Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, cfg.preprocess.max_image_pixels)
+        super().__init__(cfg.vae, plan, storage_options=cfg.storage_options, batch_size=cfg.batch_size,
+                         threads=cfg.decode_threads)
         self.cfg = cfg
-        self.plan = plan
-        self.codec = build_codec(cfg.vae, cfg.storage_options)
         self.passthrough: tuple[str, ...] = tuple(plan.identity["passthrough"])
-        self.batch_size = cfg.batch_size
-        self.threads = cfg.decode_threads
-        self._metadata = shard_metadata_of(plan)
-        self._model_lock = threading.Lock()
-
-    def describe(self) -> dict[str, Any]:
-        codec = self.codec
-        identity = {**self.plan.identity,
-                    **vae_identity(codec.fingerprint, codec.preset, str(codec.dtype).removeprefix("torch."))}
-        return {"identity": identity, "summary": repr(codec), "random_weights": codec.random_weights}
+        self._metadata = shard_metadata(plan)
 
     def read(self, task: ShardTask) -> Iterable[RawSample | SampleError]:
         return iter_shard(task.url, self.cfg.storage_options)
@@ -135,36 +124,24 @@ class EncodeWorker(ShardWorker):
     def batch_key(self, prepared: PreparedSample) -> Hashable:
         return prepared.target_size
 
-    def _encode(self, pixels: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, int]:
-        """Scaled latents, log-variances, and how many samples needed the float32 fallback."""
+    def _encode(self, pixels: list[np.ndarray], ctx: ShardContext) -> tuple[np.ndarray, np.ndarray]:
+        """Scaled latents and log-variances; counts the samples that needed the float32 fallback."""
         x = to_model_input(pixels)
-        with self._model_lock:  # also makes the stats difference this call's own
+        with self.model_lock:  # also makes the stats difference this call's own
             before = self.codec.stats.fp32_fallbacks
             mean, logvar = self.codec.encode(x)
-            fallbacks = self.codec.stats.fp32_fallbacks - before
+            ctx.count("fp32_fallbacks", self.codec.stats.fp32_fallbacks - before)
             latent = self.codec.scale(mean)
-        return latent.cpu().numpy(), logvar.cpu().numpy(), fallbacks
+        return latent.cpu().numpy(), logvar.cpu().numpy()
 
-    def step(self, batch: list[PreparedSample], ctx: ShardContext) -> Iterable[LatentRecord | SampleError]:
-        url = ctx.task.url
+    def _records(self, batch: list[PreparedSample], ctx: ShardContext) -> list[LatentRecord]:
         pixels = [s.pixels for s in batch]
-        try:
-            latent, logvar, fallbacks = self._encode(pixels)
-            flipped = self._encode([hflip(p) for p in pixels]) if self.cfg.preprocess.flip else None
-        except NonFiniteError as e:
-            # Rare: non-finite even in float32. Record those samples and encode the rest alone.
-            bad = set(e.indices)
-            out: list[LatentRecord | SampleError] = [SampleError(batch[i].key, url, "encode", str(e))
-                                                     for i in sorted(bad)]
-            rest = [s for i, s in enumerate(batch) if i not in bad]
-            return out + (list(self.step(rest, ctx)) if rest else [])
-        ctx.count("fp32_fallbacks", fallbacks + (flipped[2] if flipped is not None else 0))
-        records: list[LatentRecord | SampleError] = []
+        latent, logvar = self._encode(pixels, ctx)
+        flipped = self._encode([hflip(p) for p in pixels], ctx) if self.cfg.preprocess.flip else None
+        records = []
         for i, s in enumerate(batch):
-            dropped = sorted(set(s.extras) - set(self.passthrough))
-            if dropped:
-                ctx.count("members_not_kept", len(dropped))
-                log.debug("sample %s: members %s are not passthrough columns of this job", s.key, dropped)
+            for ext in sorted(set(s.extras) - set(self.passthrough)):
+                ctx.count(f"members_not_kept.{ext}")
             records.append(LatentRecord(
                 key=s.key, latent=latent[i], logvar=logvar[i], original_size=s.original_size,
                 crop_top_left=s.crop_top_left, target_size=s.target_size,
@@ -173,16 +150,13 @@ class EncodeWorker(ShardWorker):
                 extras={k: v for k, v in s.extras.items() if k in self.passthrough}))
         return records
 
+    def step(self, batch: list[PreparedSample], ctx: ShardContext) -> Iterable[LatentRecord | SampleError]:
+        return self.split_non_finite(batch, ctx, "encode", lambda b: self._records(list(b), ctx))
+
     def open_sink(self, task: ShardTask) -> ShardWriter:
         cfg = self.cfg
         return make_writer(cfg.format, cfg.output, task.name, self._metadata, latent_dtype=cfg.latent_dtype,
                            columns=self.passthrough, storage_options=cfg.storage_options)
-
-
-def shard_metadata_of(plan: JobPlan) -> dict[str, str]:
-    from pipeline.core.kind import shard_metadata
-
-    return shard_metadata(plan)
 
 
 class EncodeJob(JobKind):
@@ -191,23 +165,17 @@ class EncodeJob(JobKind):
     name = "encode"
     config_type = EncodeConfig
     help = "encode image shards into latent shards (resumable)"
-    flags = {
-        "vae": "vae.source", "preset": "vae.preset", "dtype": "vae.dtype", "device": "vae.device",
-        "format": "format", "resolution": "preprocess.resolution", "buckets": "preprocess.buckets",
-        "flip": "preprocess.flip", "batch_size": "batch_size", "latent_dtype": "latent_dtype",
-    }
+    input_help = "image tar shard URLs: braces {000..009}, globs, or folders"
+    flags = {**VAE_FLAGS, "format": "format", "resolution": "preprocess.resolution",
+             "buckets": "preprocess.buckets", "flip": "preprocess.flip", "latent_dtype": "latent_dtype"}
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
-        p.add_argument("--vae", help="weights: file, URL, diffusers folder, HF repo id, or random:PRESET")
-        p.add_argument("--preset", help="VAE family: sd15, sdxl, sd3, flux, tiny (sets scaling)")
+        add_vae_arguments(p, vae_help="weights: file, URL, diffusers folder, HF repo id, or random:PRESET")
         p.add_argument("--format", choices=["parquet", "safetensors"])
         p.add_argument("--resolution", type=int)
         p.add_argument("--buckets", action="store_const", const=True, help="aspect-ratio buckets")
         p.add_argument("--flip", action="store_const", const=True, help="also store latents of flipped images")
-        p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], help="compute precision")
-        p.add_argument("--device", help="auto, cpu, cuda")
         p.add_argument("--latent-dtype", choices=["float16", "float32"], help="storage precision")
-        p.add_argument("--batch-size", type=int)
 
     def inputs(self, cfg: EncodeConfig) -> dict[str, str]:  # type: ignore[override]
         return check_unique_names(expand_inputs(cfg.input, cfg.storage_options))
@@ -227,14 +195,20 @@ class EncodeJob(JobKind):
     def worker(self, cfg: EncodeConfig, plan: JobPlan) -> EncodeWorker:  # type: ignore[override]
         return EncodeWorker(cfg, plan)
 
+    def shard_done(self, result: Any) -> None:
+        dropped = {k.split(".", 1)[1]: v for k, v in result.counters.items() if k.startswith("members_not_kept.")}
+        if dropped:
+            log.warning("shard %s: members %s are not passthrough columns of this job and were not kept; "
+                        "set `passthrough` to keep them", result.name, dropped)
+
     def describe_summary(self, counters: Mapping[str, int]) -> str:
         parts = []
         if counters.get("fp32_fallbacks"):
             parts.append(f"{counters['fp32_fallbacks']} sample(s) recomputed in float32")
-        if counters.get("members_not_kept"):
-            parts.append(f"{counters['members_not_kept']} member(s) not kept (not in passthrough)")
+        dropped = {k.split(".", 1)[1]: v for k, v in counters.items() if k.startswith("members_not_kept.")}
+        if dropped:
+            parts.append(f"members not kept, not in passthrough: {dropped} (set `passthrough` to keep them)")
         return ", ".join(parts)
 
 
-__all__ = ["EncodeJob", "EncodeWorker", "build_codec", "compute_device_and_dtype", "find_passthrough",
-           "vae_identity", "vae_provenance"]
+__all__ = ["EncodeJob", "EncodeWorker", "find_passthrough"]
