@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.latentcache-installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench bench-pipeline bench-memory clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,12 @@ test-fast: setup
 
 bench: setup
 	$(PY) bench/bench_codec.py
+
+bench-pipeline: setup
+	$(PY) bench/bench_pipeline.py
+
+bench-memory: setup
+	$(PY) bench/bench_memory.py
 
 clean:
 	rm -rf $(VENV) latentcache-demo .pytest_cache

@@ -46,7 +46,8 @@ from pipeline.io.latent_writers import LatentRecord, make_writer  # noqa: E402
 from pipeline.io.shards import expand_inputs, shard_name  # noqa: E402
 from pipeline.io.tar_reader import iter_shard  # noqa: E402
 from pipeline.jobs import run  # noqa: E402
-from pipeline.jobs.encode import EncodeJob, build_codec  # noqa: E402
+from pipeline.jobs.encode import EncodeJob  # noqa: E402
+from pipeline.jobs.vae_worker import build_codec  # noqa: E402
 from pipeline.samples import SampleError  # noqa: E402
 from pipeline.transforms import prepare, to_model_input  # noqa: E402
 
@@ -112,38 +113,34 @@ def run_plain_loop(cfg: EncodeConfig) -> dict:
     return {"images": images, "wall_s": end - t0, "steady_images": images, "steady_s": end - t_ready}
 
 
+def _time_model(codec, step, x: torch.Tensor, images: int, t_start: float) -> dict:
+    """`step(x)` until `images` images are done; wall time from `t_start` (before the codec loaded)."""
+    t0 = time.perf_counter()
+    done = 0
+    while done < images:
+        step(x)
+        done += x.shape[0]
+    if str(codec.device).startswith("cuda"):
+        torch.cuda.synchronize()
+    end = time.perf_counter()
+    return {"images": done, "wall_s": end - t_start, "steady_images": done, "steady_s": end - t0}
+
+
 def run_model_only(cfg: EncodeConfig, images: int) -> dict:
     """The codec alone on ready-made batches: `images` images at the job's resolution and batch size."""
     t_start = time.perf_counter()
     codec = build_codec(cfg.vae)
     r = cfg.preprocess.resolution
-    x = torch.rand(cfg.batch_size, 3, r, r) * 2 - 1
-    t0 = time.perf_counter()
-    done = 0
-    while done < images:
-        codec.encode(x)
-        done += cfg.batch_size
-    if str(codec.device).startswith("cuda"):
-        torch.cuda.synchronize()
-    end = time.perf_counter()
-    return {"images": done, "wall_s": end - t_start, "steady_images": done, "steady_s": end - t0}
+    return _time_model(codec, codec.encode, torch.rand(cfg.batch_size, 3, r, r) * 2 - 1, images, t_start)
 
 
 def run_decoder_only(cfg: DecodeConfig, images: int, latents: str) -> dict:
     """The decoder alone on ready-made batches of the latents' shape and the job's batch size."""
     t_start = time.perf_counter()
-    codec = build_codec(VAEConfig(source=cfg.vae.source if cfg.vae else "random:sd15"))
+    codec = build_codec(VAEConfig(source=cfg.vae.source or "random:sd15", device=cfg.vae.device))
     _, latent, _ = next(read_latents(latents))
     z = codec.unscale(torch.from_numpy(latent.astype("float32"))[None].repeat(cfg.batch_size, 1, 1, 1))
-    t0 = time.perf_counter()
-    done = 0
-    while done < images:
-        codec.decode(z)
-        done += cfg.batch_size
-    if str(codec.device).startswith("cuda"):
-        torch.cuda.synchronize()
-    end = time.perf_counter()
-    return {"images": done, "wall_s": end - t_start, "steady_images": done, "steady_s": end - t0}
+    return _time_model(codec, codec.decode, z, images, t_start)
 
 
 def ips(r: dict, steady: bool) -> float:

@@ -6,11 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import fsspec
@@ -29,6 +24,7 @@ from pipeline.jobs import run
 from pipeline.jobs.decode import INFO_MEMBER, to_uint8
 from pipeline.posterior import generator
 from tests import imagedata
+from tests.interrupt import kill_driver_after_first_commit
 from vae import load_vae
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -219,26 +215,9 @@ def test_decode_interrupted_then_resumed_writes_every_key_once(ray_cluster, tmp_
         imagedata.write_tar_shard(str(tmp_path / "in" / f"part-{s:04d}.tar"), _samples(f"s{s}", 3))
     _encode([str(tmp_path / "in")], str(tmp_path / "latents"), preprocess=PreprocessConfig(resolution=256))
     out = tmp_path / "images"
-    cmd = [sys.executable, "-m", "pipeline.cli", "decode", "--input", str(tmp_path / "latents"), "--output", str(out),
-           "--batch-size", "1", "--actors", "1", "--address", ray.get_runtime_context().gcs_address, "--no-progress"]
-    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
-    records = out / CURRENT.records
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if records.exists() and len(list(records.glob("*.json"))) >= 1:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, f"the job ended before it could be interrupted: {proc.stderr.read()[-2000:]}"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-        proc.stderr.close()
-    done_before = len(list(records.glob("*.json")))
+    args = ["decode", "--input", str(tmp_path / "latents"), "--output", str(out), "--batch-size", "1",
+            "--actors", "1", "--address", ray.get_runtime_context().gcs_address, "--no-progress"]
+    done_before = kill_driver_after_first_commit(args, out / CURRENT.records)
     assert 1 <= done_before < 6 and not (out / CURRENT.success).exists()
 
     resumed = run(_decode_cfg([str(tmp_path / "latents")], str(out), actors=1), progress=False)

@@ -7,10 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import fsspec
@@ -27,6 +23,7 @@ from pipeline.io.latent_reader import read_latents
 from pipeline.samples import SampleError
 from pipeline.transforms import SampleDecodeError, prepare, to_model_input
 from tests import imagedata
+from tests.interrupt import kill_driver_after_first_commit
 from vae import load_vae
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -201,27 +198,10 @@ def test_killed_driver_then_resume_writes_every_key_once(ray_cluster, tmp_path):
     _local_shards(tmp_path / "in", 8, 6)
     out = tmp_path / "out"
     address = ray.get_runtime_context().gcs_address
-    cmd = [sys.executable, "-m", "pipeline.cli", "encode", "--input", str(tmp_path / "in"), "--output", str(out),
-           "--vae", "random:tiny", "--resolution", "256", "--batch-size", "2", "--actors", "1",
-           "--latent-dtype", "float32", "--dtype", "float32", "--address", address, "--no-progress"]
-    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
-    records = out / CURRENT.records
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if records.exists() and len(list(records.glob("*.json"))) >= 1:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, f"the job ended before it could be interrupted: {proc.stderr.read()[-2000:]}"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-        proc.stderr.close()
-    done_before = len(list(records.glob("*.json")))
+    args = ["encode", "--input", str(tmp_path / "in"), "--output", str(out), "--vae", "random:tiny",
+            "--resolution", "256", "--batch-size", "2", "--actors", "1", "--latent-dtype", "float32",
+            "--dtype", "float32", "--address", address, "--no-progress"]
+    done_before = kill_driver_after_first_commit(args, out / CURRENT.records)
     assert 1 <= done_before < 8, "the kill must land in the middle of the job"
     assert not (out / CURRENT.success).exists()
 

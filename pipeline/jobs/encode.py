@@ -189,8 +189,9 @@ class EncodeJob(JobKind):
         identity = {"kind": self.name, **vae_identity(info.fingerprint, info.preset, compute_dtype),
                     "preprocess": to_dict(cfg.preprocess), "format": cfg.format, "latent_dtype": cfg.latent_dtype,
                     "passthrough": list(find_passthrough(cfg, inputs))}
-        return JobPlan(inputs=dict(inputs), identity=identity,
-                       provenance=vae_provenance(cfg.vae, info.random_weights), data_extension=cfg.format)
+        # `resolution` repeats preprocess.resolution, as 0.1's shard metadata had it, for readers that look there.
+        provenance = {**vae_provenance(cfg.vae, info.random_weights), "resolution": cfg.preprocess.resolution}
+        return JobPlan(inputs=dict(inputs), identity=identity, provenance=provenance, data_extension=cfg.format)
 
     def worker(self, cfg: EncodeConfig, plan: JobPlan) -> EncodeWorker:  # type: ignore[override]
         return EncodeWorker(cfg, plan)
