@@ -79,3 +79,18 @@ def test_permanent_failure_is_given_up_at_once_and_counters_add_up():
     b = sched.next_task(0.0)
     sched.succeeded(_result(b.name))
     assert sched.finished and sched.counters() == {"fp32_fallbacks": 1}
+
+
+def test_error_rate_counts_the_whole_job_not_this_run():
+    """A rerun of a job whose committed shards already failed too many samples still stops
+    (issue 8, defect 5): the shards committed before count too."""
+    retry = RetryConfig(max_attempts=1)
+    clean_rerun = Scheduler({"c": "u/c"}, retry, max_error_rate=0.05, min_samples_for_error_rate=10,
+                            committed_read=100, committed_errored=26)
+    assert "26 of 100 samples failed (26.0%)" in clean_rerun.error_rate_exceeded()
+    task = clean_rerun.next_task(0.0)
+    clean_rerun.succeeded(_result(task.name, read=100, errored=0))
+    assert "26 of 200 samples failed (13.0%)" in clean_rerun.error_rate_exceeded()
+    fine = Scheduler({}, retry, max_error_rate=0.05, min_samples_for_error_rate=10, committed_read=100,
+                     committed_errored=5)
+    assert fine.error_rate_exceeded() is None

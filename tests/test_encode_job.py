@@ -227,6 +227,37 @@ def test_error_rate_threshold_stops_the_job(ray_cluster, tmp_path):
     assert not (tmp_path / "out" / CURRENT.success).exists()
 
 
+def test_a_rerun_counts_the_errors_of_shards_committed_before(ray_cluster, tmp_path):
+    """Rerunning a job whose committed shards failed too many samples must not reach SUCCESS
+    (issue 8, defect 5); the errors table is written for the person who looks next."""
+    urls = _local_shards(tmp_path / "in", 1, 3)
+    bad = [{"__key__": f"bad/{i}", "jpg": b"not an image"} for i in range(3)]
+    imagedata.write_tar_shard(str(tmp_path / "in" / "part-0001.tar"), bad)
+    out = tmp_path / "out"
+    first = run_encode(_cfg([str(tmp_path / "in")], str(out), max_error_rate=1.0), progress=False)
+    assert first.samples_errored == 3 and (out / CURRENT.success).exists() and len(urls) == 1
+    strict = _cfg([str(tmp_path / "in")], str(out), max_error_rate=0.2, min_samples_for_error_rate=5)
+    with pytest.raises(JobError, match=r"stopping the job: 3 of 6 samples failed \(50.0%\)"):
+        run_encode(strict, progress=False)
+    assert not (out / CURRENT.success).exists() and (out / CURRENT.errors).exists()
+
+
+def test_a_rerun_of_a_finished_job_writes_nothing(ray_cluster, tmp_path):
+    """Not the manifest, not the errors table, not SUCCESS (issue 8, defect 9)."""
+    _local_shards(tmp_path / "in", 2, 2)
+    out = tmp_path / "out"
+    cfg = _cfg([str(tmp_path / "in")], str(out))
+    run_encode(cfg, progress=False)
+
+    def snapshot() -> dict[str, tuple[int, int]]:
+        return {str(p.relative_to(out)): (p.stat().st_size, p.stat().st_mtime_ns) for p in out.rglob("*")}
+
+    before = snapshot()
+    again = run_encode(cfg, progress=False)
+    assert again.processed_shards == 0 and again.skipped_shards == 2
+    assert snapshot() == before
+
+
 def test_hung_shard_times_out_kills_its_actor_and_is_given_up(ray_cluster, tmp_path):
     """A shard whose read never returns (a FIFO with no writer) times out; its actor is restarted,
     the shard is retried and then reported, and the shards beside it still commit."""

@@ -281,3 +281,19 @@ def test_a_0_1_output_is_not_resumed_into_unless_overwrite(tmp_path) -> None:
     fresh.open_job(manifest(), overwrite=True)
     assert not fresh.legacy
     assert files(fresh) == {MANIFEST, "notes.txt"}
+
+
+def test_success_marker_beside_an_uncommitted_shard_is_not_success(tmp_path) -> None:
+    """`status` must not say SUCCEEDED over a shard that is no longer committed (issue 8, defect 10)."""
+    from pipeline.status import format_status
+
+    ledger = Ledger(str(tmp_path))
+    ledger.open_job(manifest(), overwrite=False)
+    for name in SHARDS:
+        write_shard(ledger, name, 2)
+    ledger.write_success({})
+    assert Ledger(str(tmp_path)).progress().succeeded
+    (tmp_path / "train-000001.parquet").unlink()  # damaged after the fact
+    p = Ledger(str(tmp_path)).progress()
+    assert not p.succeeded and p.committed_shards == 2
+    assert "SUCCEEDED" not in format_status(str(tmp_path))

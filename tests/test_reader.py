@@ -204,3 +204,36 @@ def test_object_vanishing_mid_read_raises_shard_read_error(s3_server: dict, s3_b
     with pytest.raises(ShardReadError) as info:
         list(it)
     assert url in str(info.value)
+
+
+def test_link_members_are_recorded_not_dropped(tmp_path: Path) -> None:
+    """A sample whose members are symlinks or hardlinks is neither read through the link nor lost:
+    it comes out as one SampleError naming the link (issue 8, defect 6)."""
+    photo = encode(real_photos(max_side=32)[0][1], "JPEG")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        def regular(name: str, data: bytes) -> None:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+        def link(name: str, target: str, kind: bytes) -> None:
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, target
+            tar.addfile(info)
+
+        regular("ok.jpg", photo)
+        link("sym.jpg", "ok.jpg", tarfile.SYMTYPE)
+        link("hard.jpg", "ok.jpg", tarfile.LNKTYPE)
+        regular("half.jpg", photo)
+        link("half.txt", "/etc/passwd", tarfile.SYMTYPE)
+        regular("after.jpg", photo)
+    url = write_bytes(str(tmp_path / "links.tar"), buf.getvalue())
+    got = read_all(url)
+    samples = {s["__key__"]: s for s in got if not isinstance(s, SampleError)}
+    errors = {e.key: e for e in got if isinstance(e, SampleError)}
+    assert set(samples) == {"ok", "after"} and set(errors) == {"sym", "hard", "half"}
+    assert len(got) == 5
+    assert "symbolic link" in errors["sym"].reason and "'sym.jpg'" in errors["sym"].reason
+    assert "hard link" in errors["hard"].reason
+    assert "'half.txt'" in errors["half"].reason and all(e.stage == "read" for e in errors.values())

@@ -375,6 +375,20 @@ class Ledger:
         self._write_json(self._path(self.layout.manifest), data)
         self._manifest = data
 
+    def finished(self, manifest: Mapping[str, Any]) -> list[ShardRecord] | None:
+        """The committed records when this folder holds exactly this job (identity and shards) and
+        it finished (SUCCESS, every shard still committed); else None. Reads only, writes nothing."""
+        try:
+            old = self.read_manifest()
+        except LedgerError:
+            return None
+        if old is None or self.legacy or old["identity_hash"] != identity_hash(manifest["identity"]) \
+                or dict(old["shards"]) != dict(manifest["shards"]):
+            return None
+        self._manifest = old
+        records = self.job_records()
+        return records if self.progress(records).succeeded else None
+
     def _wipe(self, old: Mapping[str, Any] | None) -> None:
         """Remove what latentcache wrote here: marker, records, errors, temp files, manifest, and the
         data files that the old manifest or a record names. Nothing else is touched."""
@@ -553,7 +567,9 @@ class Ledger:
         """
         self._manifest = None  # another process may have restarted the job
         records = self.job_records() if records is None else records
-        return self._progress(records, succeeded=self._exists(self.layout.success))
+        # The marker says the job finished; it is believed only while every shard is still committed.
+        complete = {r.name for r in records} >= set(self._job()["shards"])
+        return self._progress(records, succeeded=complete and self._exists(self.layout.success))
 
 
 __all__ = [

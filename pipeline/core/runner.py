@@ -20,7 +20,7 @@ from pipeline.core.kind import JobKind, JobPlan, PermanentShardError, PlanContex
 from pipeline.core.pool import ActorPool, PoolStartError, error_message
 from pipeline.core.scheduler import Scheduler, ShardResult, pending_shards
 from pipeline.core.shard import JobActor
-from pipeline.core.ledger import Ledger, build_manifest
+from pipeline.core.ledger import Ledger, ShardRecord, build_manifest
 
 log = logging.getLogger(__name__)
 
@@ -120,17 +120,38 @@ class _Progress:
         self.bar.close()
 
 
-def _open_output(kind: JobKind, cfg: RunConfig, job: JobPlan) -> tuple[Ledger, set[str], dict[str, str]]:
-    """Open (or resume) the job in its output folder; returns the ledger, committed and to-do shards."""
+def _manifest(kind: JobKind, job: JobPlan) -> dict[str, Any]:
+    return build_manifest(kind=kind.name, identity=job.identity, shards=job.inputs, data_extension=job.data_extension,
+                          code_version=__version__, provenance=dict(job.provenance))
+
+
+def _open_output(kind: JobKind, cfg: RunConfig, job: JobPlan) -> tuple[Ledger, list[ShardRecord], dict[str, str]]:
+    """Open (or resume) the job in its output folder; returns the ledger, committed records and to-do shards."""
     ledger = Ledger(cfg.output, cfg.storage_options)
-    ledger.open_job(build_manifest(kind=kind.name, identity=job.identity, shards=job.inputs,
-                                   data_extension=job.data_extension, code_version=__version__,
-                                   provenance=dict(job.provenance)), overwrite=cfg.overwrite)
-    committed = {r.name for r in ledger.job_records()}
-    todo = pending_shards(job.inputs, committed)
+    ledger.open_job(_manifest(kind, job), overwrite=cfg.overwrite)
+    records = ledger.job_records()
+    todo = pending_shards(job.inputs, {r.name for r in records})
     ledger.discard_all(todo)  # a stale record must never vouch for data being rewritten
-    log.info("%d shard(s): %d committed already, %d to do", len(job.inputs), len(committed), len(todo))
-    return ledger, committed, todo
+    log.info("%d shard(s): %d committed already, %d to do", len(job.inputs), len(records), len(todo))
+    return ledger, records, todo
+
+
+def _finished(kind: JobKind, cfg: RunConfig, job: JobPlan, t0: float, random_weights: bool) -> JobSummary | None:
+    """The summary of a run with nothing to do, when the output holds this very job finished (and
+    within its error budget): such a run writes nothing, not even the manifest."""
+    ledger = Ledger(cfg.output, cfg.storage_options)
+    done = ledger.finished(_manifest(kind, job))
+    if done is None:
+        return None
+    budget = Scheduler({}, cfg.retry, cfg.max_error_rate, cfg.min_samples_for_error_rate,
+                       committed_read=sum(r.samples_read for r in done),
+                       committed_errored=sum(len(r.errors) for r in done))
+    if budget.error_rate_exceeded() is not None:
+        return None  # the normal path reports it, and takes SUCCESS away
+    log.info("%s: the job finished already (%d shards); nothing to do", ledger.url, len(done))
+    return JobSummary(kind=kind.name, output=ledger.url, total_shards=len(job.inputs), skipped_shards=len(done),
+                      processed_shards=0, samples_read=0, samples_written=0, samples_errored=0,
+                      seconds=time.monotonic() - t0, steady_seconds=0.0, random_weights=random_weights)
 
 
 def _start_pool(kind: JobKind, cfg: RunConfig, job: JobPlan, n_actors: int, resources: dict[str, float],
@@ -177,11 +198,16 @@ def run_job(kind: JobKind | str, cfg: RunConfig, *, ray_address: str | None = No
     try:
         n_actors, resources, device = actor_resources(cfg.actors, kind.wants_gpu(cfg))
         job = kind.plan(cfg, inputs, PlanContext(device=device))
-        ledger, committed, todo = _open_output(kind, cfg, job)
         random_weights = bool(job.provenance.get("vae_random_weights", False))
+        finished = None if cfg.overwrite else _finished(kind, cfg, job, t0, random_weights)
+        if finished is not None:
+            return finished
+        ledger, committed, todo = _open_output(kind, cfg, job)
         if random_weights:
             log.warning("%s job with RANDOM WEIGHTS: its output is for tests and demos only", kind.name)
-        sched = Scheduler(todo, cfg.retry, cfg.max_error_rate, cfg.min_samples_for_error_rate)
+        sched = Scheduler(todo, cfg.retry, cfg.max_error_rate, cfg.min_samples_for_error_rate,
+                          committed_read=sum(r.samples_read for r in committed),
+                          committed_errored=sum(len(r.errors) for r in committed))
         t_ready = time.monotonic()
         if todo:
             pool = _start_pool(kind, cfg, job, n_actors, resources, len(todo))
@@ -195,6 +221,10 @@ def run_job(kind: JobKind | str, cfg: RunConfig, *, ray_address: str | None = No
             except ErrorRateExceeded:
                 ledger.write_errors_table()  # the samples behind the stop are what a person looks at next
                 raise
+        message = sched.error_rate_exceeded()
+        if message:  # also when nothing was left to do: shards committed by earlier runs count
+            ledger.write_errors_table()
+            raise ErrorRateExceeded(f"stopping the job: {message}")
         if sched.failed:
             details = "; ".join(f"{n}: {r}" for n, r in sorted(sched.failed.items())[:10])
             ledger.write_errors_table()

@@ -56,6 +56,9 @@ class Scheduler:
     retry: RetryConfig
     max_error_rate: float = 1.0
     min_samples_for_error_rate: int = 0
+    # Samples of the shards committed before this run: the error budget is the whole job's.
+    committed_read: int = 0
+    committed_errored: int = 0
     _queue: list[ShardTask] = field(default_factory=list)
     _not_before: dict[str, float] = field(default_factory=dict)
     running: dict[str, ShardTask] = field(default_factory=dict)
@@ -117,8 +120,10 @@ class Scheduler:
         return dict(sorted(total.items()))
 
     def error_rate_exceeded(self) -> str | None:
-        """A message when the sample error rate passes the threshold (after enough samples), else None."""
+        """A message when the job's sample error rate (committed shards of earlier runs included)
+        passes the threshold, after enough samples; else None."""
         read, _, errored = self.totals()
+        read, errored = read + self.committed_read, errored + self.committed_errored
         if read < max(1, self.min_samples_for_error_rate):
             return None
         rate = errored / read

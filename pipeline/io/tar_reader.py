@@ -19,6 +19,8 @@ Deliberate differences from webdataset's `tar_file_iterator`:
   the shard, becomes a SampleError for that key. A key that comes back later in the shard,
   separated by other samples, becomes a SampleError for the second occurrence; the first is kept.
 - Members whose name has no extension (`README`) are dropped, as webdataset's grouping does.
+- A symlink, hardlink or special-file member is never followed: its sample becomes a SampleError
+  naming it (webdataset skips such members, so a sample made of them would vanish).
 """
 
 from __future__ import annotations
@@ -82,7 +84,15 @@ class _StrictTarInfo(tarfile.TarInfo):
             raise tarfile.ReadError(f"{what} at byte {tarfile_.offset}") from exc
 
 
-def _members(fileobj: IO[bytes], url: str) -> Iterator[dict[str, Any]]:
+def _kind_of(info: tarfile.TarInfo) -> str:
+    if info.issym():
+        return "symbolic link"
+    if info.islnk():
+        return "hard link"
+    return "special file (device or FIFO)"
+
+
+def _members(fileobj: IO[bytes], url: str, flagged: dict[str, str]) -> Iterator[dict[str, Any]]:
     """Tar members as webdataset's member dicts ({fname, data, __url__}); raises _CorruptTar on damage.
 
     Before raising for damage inside a member of a new key, yields webdataset's end-of-shard marker
@@ -104,10 +114,19 @@ def _members(fileobj: IO[bytes], url: str) -> Iterator[dict[str, Any]]:
             except _CORRUPT_TAR_ERRORS as exc:
                 # The next member's name is unknown, so the last sample may be incomplete.
                 raise _CorruptTar(last_key, f"{type(exc).__name__}: {exc}") from exc
-            if not info.isreg() or (info.name.startswith(meta_prefix) and info.name.endswith(meta_suffix)
-                                    and "/" not in info.name) or _SKIP_META.match(info.name):
+            if (info.name.startswith(meta_prefix) and info.name.endswith(meta_suffix) and "/" not in info.name) \
+                    or _SKIP_META.match(info.name) or info.isdir():
                 continue
             key = base_plus_ext(info.name)[0]
+            if not info.isreg():
+                # Never followed (a link may point anywhere), never dropped: its sample is recorded.
+                if key is not None:
+                    target = f" to {info.linkname!r}" if info.linkname else ""
+                    flagged.setdefault(key, f"member {info.name!r} is a {_kind_of(info)}{target}; "
+                                            "expected regular files only")
+                    yield {"fname": info.name, "data": b"", "__url__": url}
+                    last_key = key
+                continue
             try:
                 data = stream.extractfile(info).read()
             except _CORRUPT_TAR_ERRORS as exc:
@@ -148,7 +167,7 @@ def _samples(fileobj: IO[bytes], url: str) -> Iterator[RawSample | SampleError]:
     flagged: dict[str, str] = {}
     seen: set[str] = set()
     count = 0
-    grouped = group_by_keys(_drop_duplicate_members(_members(fileobj, url), flagged))
+    grouped = group_by_keys(_drop_duplicate_members(_members(fileobj, url, flagged), flagged))
     try:
         for sample in grouped:
             count += 1
