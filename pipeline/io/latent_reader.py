@@ -43,6 +43,10 @@ from pipeline.io.latent_writers import (LATENT_COLUMNS, METADATA_KEY, RESERVED_C
 logger = logging.getLogger(__name__)
 
 _EXTENSIONS = {cls.extension: fmt for fmt, cls in WRITERS.items()}
+
+
+class CorruptShardError(OSError):
+    """A latent shard's bytes are damaged (a page checksum does not match): never read as valid."""
 _BATCH_ROWS = 64
 
 
@@ -101,34 +105,45 @@ def _lists(column: pa.Array, shapes: list[list[int]]) -> list[np.ndarray | None]
 
 def _read_parquet(fs: AbstractFileSystem, path: str, name: str,
                   with_logvar: bool) -> Iterator[tuple[str, np.ndarray, dict]]:
+    where = fs.unstrip_protocol(path)
     with fs.open(path, "rb") as f:
-        pf = pq.ParquetFile(f)
-        schema = pf.schema_arrow
-        shard_meta = _shard_metadata((schema.metadata or {}).get(METADATA_KEY.encode()), fs.unstrip_protocol(path))
-        extras = [n for n in schema.names if n not in RESERVED_COLUMNS]
-        skip = set() if with_logvar else {"logvar", "logvar_flip"}
-        columns = [n for n in schema.names if n not in skip]
-        for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=columns):
-            shapes = batch.column("latent_shape").to_pylist()
-            arrays = {n: _lists(batch.column(n), shapes) for n in LATENT_COLUMNS if n not in skip}
-            ints = {n: batch.column(n).to_pylist() for n in SIZE_COLUMNS}
-            extra_values = {e: batch.column(e).to_pylist() for e in extras}
-            for i, key in enumerate(batch.column("key").to_pylist()):
-                meta: dict[str, Any] = {
-                    "shard": name,
-                    "original_size": (ints["original_height"][i], ints["original_width"][i]),
-                    "crop_top_left": (ints["crop_top"][i], ints["crop_left"][i]),
-                    "target_size": (ints["target_height"][i], ints["target_width"][i]),
-                    "latent_flip": arrays["latent_flip"][i],
-                    "extras": {e: v[i] for e, v in extra_values.items() if v[i] is not None},
-                    "shard_metadata": shard_meta,
-                }
-                if with_logvar:
-                    meta["logvar"], meta["logvar_flip"] = arrays["logvar"][i], arrays["logvar_flip"][i]
-                yield key, arrays["latent"][i], meta
+        try:
+            yield from _parquet_rows(pq.ParquetFile(f, page_checksum_verification=True), name, where, with_logvar)
+        except OSError as e:
+            if "checksum" in str(e).lower() or "corrupt" in str(e).lower():
+                raise CorruptShardError(f"{where} is damaged: {e}; rerun the job to rewrite it") from e
+            raise
+
+
+def _parquet_rows(pf: pq.ParquetFile, name: str, where: str,
+                  with_logvar: bool) -> Iterator[tuple[str, np.ndarray, dict]]:
+    schema = pf.schema_arrow
+    shard_meta = _shard_metadata((schema.metadata or {}).get(METADATA_KEY.encode()), where)
+    extras = [n for n in schema.names if n not in RESERVED_COLUMNS]
+    skip = set() if with_logvar else {"logvar", "logvar_flip"}
+    columns = [n for n in schema.names if n not in skip]
+    for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=columns):
+        shapes = batch.column("latent_shape").to_pylist()
+        arrays = {n: _lists(batch.column(n), shapes) for n in LATENT_COLUMNS if n not in skip}
+        ints = {n: batch.column(n).to_pylist() for n in SIZE_COLUMNS}
+        extra_values = {e: batch.column(e).to_pylist() for e in extras}
+        for i, key in enumerate(batch.column("key").to_pylist()):
+            meta: dict[str, Any] = {
+                "shard": name,
+                "original_size": (ints["original_height"][i], ints["original_width"][i]),
+                "crop_top_left": (ints["crop_top"][i], ints["crop_left"][i]),
+                "target_size": (ints["target_height"][i], ints["target_width"][i]),
+                "latent_flip": arrays["latent_flip"][i],
+                "extras": {e: v[i] for e, v in extra_values.items() if v[i] is not None},
+                "shard_metadata": shard_meta,
+            }
+            if with_logvar:
+                meta["logvar"], meta["logvar_flip"] = arrays["logvar"][i], arrays["logvar_flip"][i]
+            yield key, arrays["latent"][i], meta
 
 
 _NP_DTYPES = {"F16": np.float16, "F32": np.float32, "U8": np.uint8}
+
 
 
 def _read_safetensors(fs: AbstractFileSystem, path: str, name: str,
@@ -268,4 +283,4 @@ def read_latents(url: str, storage_options: Mapping[str, Any] | None = None, *,
         yield from reader(fs, file, name, with_logvar)
 
 
-__all__ = ["expand_latent_inputs", "is_shard_file", "read_latents", "read_shard_metadata", "shard_urls"]
+__all__ = ["CorruptShardError", "expand_latent_inputs", "is_shard_file", "read_latents", "read_shard_metadata", "shard_urls"]
