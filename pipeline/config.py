@@ -161,28 +161,37 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
-class EncodeConfig(RunConfig):
+class VAEJobConfig(RunConfig):
+    """What the job kinds that run the VAE add: model batches, and threads that prepare items for them."""
+
+    batch_size: int = 8
+    decode_threads: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
+        _check(self.decode_threads >= 1, f"decode_threads={self.decode_threads} must be >= 1")
+
+
+@dataclass(frozen=True)
+class EncodeConfig(VAEJobConfig):
     """The encode job: image shards in, latent shards out.
 
     passthrough: the sample members kept beside each latent (`txt`, `json`, ...); every shard of a
-      job has these columns. Unset: the non-image members of the first samples of the first
-      shard, found when the job is planned. Members outside the list are counted, not kept.
+      job has these columns. Unset: the non-image members of the first 16 samples of the first 4
+      shards, found when the job is planned. Members outside the list are counted, not kept.
     """
 
     vae: VAEConfig = field(default_factory=VAEConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     format: str = "parquet"
     latent_dtype: str = "float16"
-    batch_size: int = 8
-    decode_threads: int = 4
     passthrough: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _one_of("format", self.format, FORMATS)
         _one_of("latent_dtype", self.latent_dtype, STORAGE_DTYPES)
-        _check(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
-        _check(self.decode_threads >= 1, f"decode_threads={self.decode_threads} must be >= 1")
         if self.passthrough is not None:
             _as_tuple(self, "passthrough")
             bad = [e for e in self.passthrough if not e or e.startswith(("_", ".")) or "/" in e]
@@ -192,7 +201,7 @@ class EncodeConfig(RunConfig):
 
 
 @dataclass(frozen=True)
-class DecodeConfig(RunConfig):
+class DecodeConfig(VAEJobConfig):
     """The decode job: latent shards in, WebDataset image shards out.
 
     vae: `vae.source` unset takes the VAE named in the latents' manifest (or shard metadata); a VAE
@@ -206,16 +215,12 @@ class DecodeConfig(RunConfig):
     quality: int = 95
     sample: str = "mode"
     seed: int = 0
-    batch_size: int = 8
-    decode_threads: int = 4
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _one_of("image_format", self.image_format, IMAGE_FORMATS)
         _check(1 <= self.quality <= 100, f"quality={self.quality} must be in [1, 100]")
         _one_of("sample", self.sample, SAMPLE_MODES)
-        _check(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
-        _check(self.decode_threads >= 1, f"decode_threads={self.decode_threads} must be >= 1")
 
 
 # --- YAML and overrides -------------------------------------------------------------------------

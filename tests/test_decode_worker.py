@@ -114,3 +114,19 @@ def test_a_shard_of_another_vae_cannot_succeed(tmp_path):
     other = _latents(tmp_path / "x", fingerprint="random-0000000000000000")
     with pytest.raises(PermanentShardError, match="made with the VAE random-0000000000000000"):
         list(worker.read(ShardTask("s", other)))
+
+
+def test_latent_inputs_expand_braces_and_globs_and_check_names(tmp_path):
+    from pipeline.io.latent_reader import expand_latent_inputs
+    from pipeline.io.shards import ShardListingError
+
+    for name in ("p-0", "p-1"):
+        with make_writer("parquet", str(tmp_path), name, {}) as w:
+            w.commit()
+    (tmp_path / ".latentcache" / "errors.parquet").write_bytes(b"bookkeeping, never a shard")
+    got = expand_latent_inputs([f"{tmp_path}/p-{{0..1}}.parquet", f"{tmp_path}/**/*.parquet"])
+    assert got == [f"{tmp_path}/p-0.parquet", f"{tmp_path}/p-1.parquet"]
+    with pytest.raises(ShardListingError, match=r"1 of 3 named shard\(s\) do not exist: .*p-2.parquet"):
+        expand_latent_inputs([f"{tmp_path}/p-{{0..2}}.parquet"])
+    with pytest.raises(ShardListingError, match="matched no .parquet or .safetensors shards"):
+        expand_latent_inputs([f"{tmp_path}/q-*.parquet"])

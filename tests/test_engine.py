@@ -9,6 +9,7 @@ import pytest
 
 from pipeline.config import EncodeConfig, PreprocessConfig, RetryConfig, VAEConfig
 from pipeline.core import runner
+from pipeline.core.ledger import IncompatibleOutputError
 from pipeline.core.pool import ActorPool, PoolStartError, error_message
 from pipeline.core.runner import JobError, run_job
 from tests import imagedata
@@ -117,7 +118,7 @@ def test_a_finished_job_is_known_before_any_actor_starts(ray_cluster, tmp_path, 
     assert again.skipped_shards == 1 and again.processed_shards == 0
     # And an output of another job is refused before any actor starts, too.
     other = dataclasses.replace(cfg, vae=VAEConfig(source="random:tiny", seed=9, dtype="float32"))
-    with pytest.raises(Exception, match="vae_fingerprint: output has random-"):
+    with pytest.raises(IncompatibleOutputError, match="vae_fingerprint: output has random-"):
         run_job("encode", other, progress=False)
 
 

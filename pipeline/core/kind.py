@@ -100,7 +100,7 @@ class ShardWorker(ABC):
     @abstractmethod
     def describe(self) -> dict[str, Any]:
         """`identity` as the loaded model sees it (the runner compares it with the plan's), plus
-        `summary` (one line naming the model) and `random_weights`."""
+        `summary` (one line naming the model)."""
 
     @abstractmethod
     def read(self, task: ShardTask) -> Iterable[Any | SampleError]:

@@ -378,16 +378,18 @@ class Ledger:
     def finished(self, manifest: Mapping[str, Any]) -> list[ShardRecord] | None:
         """The committed records when this folder holds exactly this job (identity and shards) and
         it finished (SUCCESS, every shard still committed); else None. Reads only, writes nothing."""
+        if self.legacy or not self._exists(self.layout.success):  # the usual case: one HEAD, no more reads
+            return None
         try:
             old = self.read_manifest()
         except LedgerError:
             return None
-        if old is None or self.legacy or old["identity_hash"] != identity_hash(manifest["identity"]) \
+        if old is None or old["identity_hash"] != identity_hash(manifest["identity"]) \
                 or dict(old["shards"]) != dict(manifest["shards"]):
             return None
         self._manifest = old
         records = self.job_records()
-        return records if self.progress(records).succeeded else None
+        return records if {r.name for r in records} >= set(old["shards"]) else None
 
     def _wipe(self, old: Mapping[str, Any] | None) -> None:
         """Remove what latentcache wrote here: marker, records, errors, temp files, manifest, and the

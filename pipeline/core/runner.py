@@ -18,7 +18,7 @@ from pipeline import __version__
 from pipeline.config import RunConfig
 from pipeline.core.kind import JobKind, JobPlan, PermanentShardError, PlanContext
 from pipeline.core.pool import ActorPool, PoolStartError, error_message
-from pipeline.core.scheduler import Scheduler, ShardResult, pending_shards
+from pipeline.core.scheduler import Scheduler, ShardResult, error_rate_message, pending_shards
 from pipeline.core.shard import JobActor
 from pipeline.core.ledger import Ledger, ShardRecord, build_manifest
 
@@ -143,10 +143,8 @@ def _finished(kind: JobKind, cfg: RunConfig, job: JobPlan, t0: float, random_wei
     done = ledger.finished(_manifest(kind, job))
     if done is None:
         return None
-    budget = Scheduler({}, cfg.retry, cfg.max_error_rate, cfg.min_samples_for_error_rate,
-                       committed_read=sum(r.samples_read for r in done),
-                       committed_errored=sum(len(r.errors) for r in done))
-    if budget.error_rate_exceeded() is not None:
+    if error_rate_message(sum(r.samples_read for r in done), sum(len(r.errors) for r in done),
+                          cfg.max_error_rate, cfg.min_samples_for_error_rate) is not None:
         return None  # the normal path reports it, and takes SUCCESS away
     log.info("%s: the job finished already (%d shards); nothing to do", ledger.url, len(done))
     return JobSummary(kind=kind.name, output=ledger.url, total_shards=len(job.inputs), skipped_shards=len(done),
@@ -209,22 +207,21 @@ def run_job(kind: JobKind | str, cfg: RunConfig, *, ray_address: str | None = No
                           committed_read=sum(r.samples_read for r in committed),
                           committed_errored=sum(len(r.errors) for r in committed))
         t_ready = time.monotonic()
-        if todo:
-            pool = _start_pool(kind, cfg, job, n_actors, resources, len(todo))
-            for info in pool.infos:
-                _check_actor(kind, job, info)
-            log.info("%d actor(s) starting; first ready: %s", len(pool.actors), pool.infos[0]["summary"])
-            t_ready = time.monotonic()
-            try:
+        try:
+            if todo:
+                pool = _start_pool(kind, cfg, job, n_actors, resources, len(todo))
+                for info in pool.infos:
+                    _check_actor(kind, job, info)
+                log.info("%d actor(s) starting; first ready: %s", len(pool.actors), pool.infos[0]["summary"])
+                t_ready = time.monotonic()
                 _run_loop(kind, cfg, job, pool, sched, _Progress(len(job.inputs), len(committed), progress),
                           on_result)
-            except ErrorRateExceeded:
-                ledger.write_errors_table()  # the samples behind the stop are what a person looks at next
-                raise
-        message = sched.error_rate_exceeded()
-        if message:  # also when nothing was left to do: shards committed by earlier runs count
-            ledger.write_errors_table()
-            raise ErrorRateExceeded(f"stopping the job: {message}")
+            message = sched.error_rate_exceeded()
+            if message:  # also when nothing was left to do: shards committed by earlier runs count
+                raise ErrorRateExceeded(f"stopping the job: {message}")
+        except ErrorRateExceeded:
+            ledger.write_errors_table()  # the samples behind the stop are what a person looks at next
+            raise
         if sched.failed:
             details = "; ".join(f"{n}: {r}" for n, r in sorted(sched.failed.items())[:10])
             ledger.write_errors_table()

@@ -38,6 +38,18 @@ class ShardResult:
     counters: Mapping[str, int] = field(default_factory=dict)
 
 
+def error_rate_message(read: int, errored: int, max_error_rate: float, min_samples: int) -> str | None:
+    """A message when `errored` of `read` samples passes `max_error_rate` (once at least
+    `min_samples` were read), else None."""
+    if read < max(1, min_samples):
+        return None
+    rate = errored / read
+    if rate > max_error_rate:
+        return (f"{errored} of {read} samples failed ({rate:.1%}), above max_error_rate="
+                f"{max_error_rate:.1%}; see the errors in the shard records")
+    return None
+
+
 def backoff_delay(attempt: int, retry: RetryConfig) -> float:
     """Seconds to wait before try `attempt + 1` after try `attempt` failed (exponential, capped)."""
     return min(retry.backoff_max_s, retry.backoff_s * 2 ** (attempt - 1))
@@ -123,14 +135,8 @@ class Scheduler:
         """A message when the job's sample error rate (committed shards of earlier runs included)
         passes the threshold, after enough samples; else None."""
         read, _, errored = self.totals()
-        read, errored = read + self.committed_read, errored + self.committed_errored
-        if read < max(1, self.min_samples_for_error_rate):
-            return None
-        rate = errored / read
-        if rate > self.max_error_rate:
-            return (f"{errored} of {read} samples failed ({rate:.1%}), above max_error_rate="
-                    f"{self.max_error_rate:.1%}; see the errors in the shard records")
-        return None
+        return error_rate_message(read + self.committed_read, errored + self.committed_errored,
+                                  self.max_error_rate, self.min_samples_for_error_rate)
 
 
-__all__ = ["Scheduler", "ShardTask", "ShardResult", "backoff_delay", "pending_shards"]
+__all__ = ["Scheduler", "ShardTask", "ShardResult", "backoff_delay", "error_rate_message", "pending_shards"]

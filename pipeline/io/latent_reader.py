@@ -238,37 +238,30 @@ def shard_urls(url: str | Sequence[str], storage_options: Mapping[str, Any] | No
 
 def expand_latent_inputs(patterns: Sequence[str], storage_options: Mapping[str, Any] | None = None) -> list[str]:
     """Latent shard URLs from input patterns: output folders (their committed shards), shard files,
-    brace patterns of them (each must exist) and globs (which must match). De-duplicated, in order.
-    Raises ShardListingError naming the pattern when a named shard is missing or a glob matches none."""
+    brace patterns of them (each must exist) and globs (which must match), expanded as
+    `pipeline.io.shards.expand_inputs` expands tar patterns. De-duplicated, in order. Raises
+    ShardListingError naming the pattern when a named shard is missing or nothing matches."""
     import braceexpand
 
-    from pipeline.io.shards import ShardListingError
+    from pipeline.io.shards import ShardListingError, expand_inputs
 
+    suffixes = tuple(f".{ext}" for ext in sorted(_EXTENSIONS))
     out: list[str] = []
     for pattern in patterns:
-        for sub in braceexpand.braceexpand(pattern):
-            fs, path = output_fs(sub, storage_options)
-            prefix = sub[: sub.index("://") + 3] if "://" in sub else ""
-            if any(c in path for c in "*?["):
-                fs.invalidate_cache()
-                matched = sorted(p for p in fs.glob(path) if _format_of(p) and not is_reserved(posixpath.basename(p)))
-                if not matched:
-                    raise ShardListingError(pattern, f"glob {sub!r} matched no latent shards "
-                                                     f"(*.{' or *.'.join(sorted(_EXTENSIONS))})")
-                out.extend(prefix + p if prefix else p for p in matched)
-            elif is_shard_file(sub):
-                fs.invalidate_cache(path)
-                if not fs.exists(path):
-                    raise ShardListingError(pattern, f"latent shard {sub!r} does not exist")
-                out.append(sub)
-            else:
-                try:
-                    found = shard_urls(sub, storage_options)
-                except FileNotFoundError as e:
-                    raise ShardListingError(pattern, str(e)) from e
-                if not found:
-                    raise ShardListingError(pattern, f"folder {sub!r} holds no committed latent shards")
-                out.extend(found)
+        subs = list(braceexpand.braceexpand(pattern))
+        folders = [sub for sub in subs if not is_shard_file(sub) and not any(c in sub for c in "*?[")]
+        if len(folders) < len(subs):  # shard files and globs: listed and checked like tar inputs
+            files = expand_inputs([pattern] if not folders else [s for s in subs if s not in folders],
+                                  storage_options, suffixes=suffixes)
+            out.extend(u for u in files if not any(is_reserved(part) for part in u.split("/")))
+        for sub in folders:  # an output folder: its committed shards only
+            try:
+                found = shard_urls(sub, storage_options)
+            except FileNotFoundError as e:
+                raise ShardListingError(pattern, str(e)) from e
+            if not found:
+                raise ShardListingError(pattern, f"folder {sub!r} holds no committed latent shards")
+            out.extend(found)
     return list(dict.fromkeys(out))
 
 

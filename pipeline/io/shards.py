@@ -39,10 +39,6 @@ def _has_glob(path: str) -> bool:
     return any(c in path for c in _GLOB_CHARS)
 
 
-def _is_tar(path: str) -> bool:
-    return path.endswith(TAR_SUFFIX)
-
-
 def _url_prefix(pattern: str) -> str:
     """What to put before an fsspec path to give back a URL as the user wrote it ('' for local)."""
     return pattern[: pattern.index("://") + 3] if "://" in pattern else ""
@@ -51,8 +47,10 @@ def _url_prefix(pattern: str) -> str:
 class _Expander:
     """Expands one pattern; holds its filesystem and how to spell URLs for it."""
 
-    def __init__(self, pattern: str, storage_options: Mapping[str, Any]) -> None:
+    def __init__(self, pattern: str, storage_options: Mapping[str, Any], suffixes: tuple[str, ...]) -> None:
         self.pattern = pattern
+        self.suffixes = suffixes
+        self.kind = " or ".join(suffixes)
         try:
             self.fs, _ = fsspec.core.url_to_fs(pattern, **storage_options)
         except Exception as exc:  # unknown protocol, missing driver package, bad options
@@ -80,7 +78,7 @@ class _Expander:
             found = {}  # a missing root: some filesystems raise, others match nothing; both are reported below
         except Exception as exc:
             raise self.failed(f"listing glob {self.url(path)!r}", exc) from exc
-        tars = sorted(p for p, info in found.items() if info.get("type") == "file" and _is_tar(p))
+        tars = sorted(p for p, info in found.items() if info.get("type") == "file" and p.endswith(self.suffixes))
         if not tars:
             # s3fs answers a glob in a missing bucket with no matches; say when that is why.
             root = posixpath.dirname(path[: min(path.index(c) for c in _GLOB_CHARS if c in path)])
@@ -89,10 +87,10 @@ class _Expander:
                     self.fs.info(root)
             except Exception as exc:
                 why = "does not exist" if isinstance(exc, FileNotFoundError) else "cannot be read"
-                raise ShardListingError(self.pattern, f"glob {self.url(path)!r} matched no {TAR_SUFFIX} shards: "
+                raise ShardListingError(self.pattern, f"glob {self.url(path)!r} matched no {self.kind} shards: "
                                                       f"{self.url(root)!r} {why} ({type(exc).__name__}: "
                                                       f"{exc})") from exc
-            raise ShardListingError(self.pattern, f"glob {self.url(path)!r} matched no {TAR_SUFFIX} shards")
+            raise ShardListingError(self.pattern, f"glob {self.url(path)!r} matched no {self.kind} shards")
         return tars
 
     def folder(self, path: str) -> list[str]:
@@ -100,9 +98,9 @@ class _Expander:
             found = self.fs.find(path, detail=True)
         except Exception as exc:
             raise self.failed(f"listing folder {self.url(path)!r}", exc) from exc
-        tars = sorted(p for p, info in found.items() if info.get("type") == "file" and _is_tar(p))
+        tars = sorted(p for p, info in found.items() if info.get("type") == "file" and p.endswith(self.suffixes))
         if not tars:
-            raise ShardListingError(self.pattern, f"folder {self.url(path)!r} matched no {TAR_SUFFIX} shards "
+            raise ShardListingError(self.pattern, f"folder {self.url(path)!r} matched no {self.kind} shards "
                                                   "(searched recursively)")
         return tars
 
@@ -183,14 +181,15 @@ class _Expander:
         return [self.url(p) for p in out]
 
 
-def expand_inputs(patterns: Sequence[str], storage_options: Mapping[str, Any] | None = None) -> list[str]:
+def expand_inputs(patterns: Sequence[str], storage_options: Mapping[str, Any] | None = None, *,
+                  suffixes: tuple[str, ...] = (TAR_SUFFIX,)) -> list[str]:
     """Every input shard URL, de-duplicated, in the order the patterns give them.
 
     A pattern is an fsspec URL or local path, and may be a brace pattern
     (`s3://b/train-{000000..000009}.tar`, each name must exist), a glob (`s3://b/**/*.tar`) or a
     folder (all `*.tar` beneath it). Globs and folders are sorted. URLs keep their protocol; local
     paths come back absolute. Raises ShardListingError when a listing fails, a named shard is
-    missing, or a pattern matches no `.tar` shard.
+    missing, or a pattern matches no `.tar` shard. `suffixes` names other shard files (latent shards).
     """
     if isinstance(patterns, str):
         patterns = [patterns]  # a lone string is a Sequence of characters; take it as one pattern
@@ -201,7 +200,7 @@ def expand_inputs(patterns: Sequence[str], storage_options: Mapping[str, Any] | 
     for pattern in patterns:
         if not pattern or not pattern.strip():
             raise ShardListingError(pattern, "empty pattern; expected a URL, glob or folder")
-        urls.extend(_Expander(pattern, options).expand())
+        urls.extend(_Expander(pattern, options, suffixes).expand())
     return list(dict.fromkeys(urls))
 
 

@@ -62,8 +62,8 @@ def encode_image(pixels: np.ndarray, fmt: str, quality: int) -> bytes:
 
 @dataclass(frozen=True, eq=False)
 class PreparedLatent:
-    """One latent ready for the decoder: unscaled-space input is made in `step`; here it is the
-    scaled latent (or posterior sample) in float32, with the sample's metadata."""
+    """One latent ready for the decoder: the scaled latent (or a posterior sample of it) in float32,
+    with the sample's metadata; `step` unscales it."""
 
     key: str
     latent: np.ndarray
