@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.latentcache-installed
 
-.PHONY: setup demo test test-fast bench bench-pipeline bench-memory clean
+.PHONY: setup setup-browser demo demo-vae test test-fast bench bench-pipeline bench-memory clean
 
 setup: $(STAMP)
 
@@ -16,13 +16,27 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# The report test opens report.html in headless Chromium: Debian's package, installed where missing.
+setup-browser:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+	    || command -v google-chrome >/dev/null 2>&1 || [ -n "$$CHROMIUM" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null \
+	    || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+	         --no-install-recommends chromium >/dev/null; }; \
+	else echo "note: no Chromium and no root apt-get here; the browser test of the audit report will be skipped"; fi
+
 demo: setup
 	$(VENV)/bin/latentcache demo
 
-test: setup
+# Retrain the built-in demo VAE (builtin:tiny-demo) on the bundled photos: a few minutes of CPU.
+demo-vae: setup
+	$(PY) jobs/train_demo_vae.py --out vae/weights/tiny-demo
+
+test: setup setup-browser
 	$(PY) -m pytest -q
 
-test-fast: setup
+test-fast: setup setup-browser
 	$(PY) -m pytest -q -m "not slow"
 
 bench: setup

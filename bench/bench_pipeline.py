@@ -1,6 +1,6 @@
-"""End-to-end throughput of the encode and decode jobs, side by side with their baselines, in one run.
+"""End-to-end throughput of the encode, decode and audit jobs, side by side with their baselines, in one run.
 
-Three comparisons (medians over --repeats alternating runs; Ray is started once, before timing):
+Four comparisons (medians over --repeats alternating runs; Ray is started once, before timing):
 
   model   the encode job (one actor) vs. the model alone on ready-made batches of the same size:
           shows how much of the model's speed survives reading, decoding and writing
@@ -8,6 +8,8 @@ Three comparisons (medians over --repeats alternating runs; Ray is started once,
   decode  the decode job (one actor) vs. the decoder alone on ready-made latent batches of the
           same size: reading latent shards, PNG encoding and tar writing must cost little
           (goal >= 0.9, sd15 at 256 px on CPU).
+  audit   the audit job vs. the decode job (one actor each) on the same latents: what reading the
+          source images, preparing them and scoring (PSNR, SSIM, previews) costs beside the model.
   loop    the job (--actors actors, decode threads) vs. a plain single-process loop doing the
           same work with the same building blocks (read tar, decode, resize, encode, write):
           shows what the actors and the threaded decoding buy (goal >= 1.6 on 2 cores, tiny VAE).
@@ -38,7 +40,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import DecodeConfig, EncodeConfig, PreprocessConfig, VAEConfig  # noqa: E402
+from pipeline.config import AuditConfig, DecodeConfig, EncodeConfig, PreprocessConfig, VAEConfig  # noqa: E402
 from pipeline.core.kind import PlanContext, shard_metadata  # noqa: E402
 from pipeline.demo import bundled_photos, write_tar  # noqa: E402
 from pipeline.io.latent_reader import read_latents  # noqa: E402
@@ -68,7 +70,7 @@ def make_shards(folder: Path, n_shards: int, per_shard: int, side: int) -> None:
                   [(f"{s:05d}_{i:05d}.jpg", photos[(s * per_shard + i) % len(photos)]) for i in range(per_shard)])
 
 
-def run_job(cfg: EncodeConfig | DecodeConfig) -> dict:
+def run_job(cfg: EncodeConfig | DecodeConfig | AuditConfig) -> dict:
     """The real job; returns images, wall seconds, and seconds after the first actor had its VAE."""
     t0 = time.perf_counter()
     summary = run(cfg, progress=False)
@@ -167,7 +169,7 @@ def compare(name: str, job_cfg: EncodeConfig | DecodeConfig, baseline, repeats: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["model", "decode", "loop"], default=None)
+    ap.add_argument("--only", choices=["model", "decode", "audit", "loop"], default=None)
     ap.add_argument("--preset", default="sd15", help="VAE for the model comparison (random weights)")
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)
@@ -196,7 +198,7 @@ def main() -> None:
                                preprocess=PreprocessConfig(resolution=args.resolution, jpeg_draft=args.jpeg_draft),
                                batch_size=args.batch_size, actors=1)
             rows.append(compare("model", cfg, lambda c, n: run_model_only(c, n), args.repeats, tmp))
-        if args.only in (None, "decode"):
+        if args.only in (None, "decode", "audit"):
             per = args.batch_size * 2
             make_shards(tmp / "decode-in", max(1, args.model_images // per), per, args.photo_side)
             latents = str(tmp / "decode-latents")
@@ -206,7 +208,13 @@ def main() -> None:
                              batch_size=args.batch_size, actors=1), progress=False)
             cfg = DecodeConfig(input=(latents,), output="unused", batch_size=args.batch_size, actors=1,
                                vae=VAEConfig(source=f"random:{args.preset}", device=args.device))
+        if args.only in (None, "decode"):
             rows.append(compare("decode", cfg, lambda c, n: run_decoder_only(c, n, latents), args.repeats, tmp))
+        if args.only in (None, "audit"):
+            audit = AuditConfig(input=(latents,), output="unused", batch_size=args.batch_size, actors=1,
+                                vae=VAEConfig(source=f"random:{args.preset}", device=args.device))
+            rows.append(compare("audit", audit, lambda c, n: run_job(dataclasses.replace(cfg, output=c.output)),
+                                args.repeats, tmp))
         if args.only in (None, "loop"):
             make_shards(tmp / "loop-in", args.loop_shards, args.loop_per_shard, args.photo_side)
             cfg = EncodeConfig(input=(str(tmp / "loop-in"),), output="unused",
@@ -226,8 +234,9 @@ def main() -> None:
         print(f"{r['comparison']:<12}{r['images']:>8}{r['job_wall_img_s']:>11.2f}{r['baseline_wall_img_s']:>12.2f}"
               f"{r['wall_ratio']:>12.2f}{r['job_steady_img_s']:>12.2f}{r['baseline_steady_img_s']:>13.2f}"
               f"{r['steady_ratio']:>14.2f}")
-    print("model/decode: baseline = the encoder/decoder alone on ready batches (preset %s); loop: baseline = "
-          "one process, no threads (tiny preset, %d actors for the job)" % (args.preset, args.actors))
+    print("model/decode: baseline = the encoder/decoder alone on ready batches (preset %s); audit: baseline = "
+          "the decode job on the same latents; loop: baseline = one process, no threads (tiny preset, %d actors "
+          "for the job)" % (args.preset, args.actors))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     out = Path(args.out) / f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps({"bench": "pipeline", "args": vars(args), "device": device, "rows": rows,

@@ -48,10 +48,16 @@ def _cmd_job(args: argparse.Namespace) -> int:
     cfg = config_from_args(args.kind, args)
     s = run_job(args.kind, cfg, ray_address=args.address, progress=not args.no_progress)
     extra = args.kind.describe_summary(s.counters)
+    if s.result.get("report"):
+        print(f"report: {s.result['report']}")
     print(f"done: {s.samples_written} samples written, {s.samples_errored} errored, "
           f"{s.processed_shards} shard(s) processed and {s.skipped_shards} already committed, "
           f"{s.steady_images_per_second:.1f} img/s once the model was loaded "
           f"({s.images_per_second:.1f} img/s overall){'; ' + extra if extra else ''} -> {s.output}")
+    failed = args.kind.verdict(cfg, s)
+    if failed:
+        print(f"latentcache: {args.kind.name} gate failed: {failed}", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -65,7 +71,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.workdir, preset=args.preset, resolution=args.resolution, actors=args.actors)
+    run_demo(args.workdir, vae=args.vae, resolution=args.resolution, actors=args.actors)
     return 0
 
 
@@ -92,9 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(func=_cmd_status)
 
     demo = sub.add_parser("demo", help="build shards from bundled real photos, encode them on a local Ray, "
-                                       "and decode them back")
+                                       "decode them back, and audit the round trip (report.html)")
     demo.add_argument("--workdir", default="latentcache-demo", help="folder for the demo's shards and outputs")
-    demo.add_argument("--preset", default="sd15", help="random-weights VAE preset to use")
+    demo.add_argument("--vae", default="builtin:tiny-demo",
+                      help="VAE source (default: the tiny VAE trained on the bundled photos; random:sd15 for "
+                           "a random-weights SD VAE)")
     demo.add_argument("--resolution", type=int, default=256)
     demo.add_argument("--actors", type=int, default=2)
     demo.set_defaults(func=_cmd_demo)

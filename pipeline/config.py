@@ -223,6 +223,35 @@ class DecodeConfig(VAEJobConfig):
         _one_of("sample", self.sample, SAMPLE_MODES)
 
 
+@dataclass(frozen=True)
+class AuditConfig(VAEJobConfig):
+    """The audit job: latents decoded and scored against their source images, with a report.
+
+    input: the latents (an encode job's output folder, or latent shard files).
+    source: the source image shards; unset, each latent shard's source is the input shard its
+      encode job's manifest names. Joined to latent shards by shard name.
+    samples: audit a seeded random sample of this many keys across the whole cache (0: every latent).
+    worst: how many samples the report shows as the worst, and as a random pick.
+    fail_under_psnr: the command exits non-zero when the mean PSNR is below this (the report is
+      written either way).
+    max_error_rate: 1.0 by default: an audit reports missing and unreadable samples, it does not stop on them.
+    """
+
+    vae: DecodeVAEConfig = field(default_factory=DecodeVAEConfig)
+    source: tuple[str, ...] = ()
+    samples: int = 0
+    seed: int = 0
+    worst: int = 16
+    fail_under_psnr: float | None = None
+    max_error_rate: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _as_tuple(self, "source")
+        _check(self.samples >= 0, f"samples={self.samples} must be >= 0 (0 audits every latent)")
+        _check(1 <= self.worst <= 1000, f"worst={self.worst} must be in [1, 1000]")
+
+
 # --- YAML and overrides -------------------------------------------------------------------------
 
 

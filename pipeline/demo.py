@@ -43,7 +43,7 @@ def bundled_photos() -> dict[str, Path]:
             found[name] = path
     if not found:
         raise RuntimeError("no bundled photos found: the demo reads them from scikit-image or matplotlib; "
-                           "install one (`pip install 'latentcache[demo]'`)")
+                           "reinstall latentcache (scikit-image is one of its dependencies)")
     return found
 
 
@@ -78,24 +78,27 @@ def build_demo_shards(folder: str | Path, *, per_shard: int = 4) -> list[Path]:
     ]
 
 
-def run_demo(workdir: str | Path = "latentcache-demo", *, preset: str = "sd15", resolution: int = 256,
+DEMO_VAE = "builtin:tiny-demo"
+
+
+def run_demo(workdir: str | Path = "latentcache-demo", *, vae: str = DEMO_VAE, resolution: int = 256,
              actors: int = 2) -> Path:
-    """Build demo shards, encode them with random-weights VAE actors on a local Ray, read the latents
-    back, and decode them into WebDataset image shards on the same Ray."""
+    """Build demo shards, encode them with VAE actors on a local Ray, decode the latents back into
+    WebDataset image shards, and audit them against the photos; returns the audit report's path.
+
+    The default VAE is the tiny one trained on these photos (jobs/train_demo_vae.py), shipped with
+    the package; `random:PRESET` runs a random-weights VAE of any preset (its images are noise)."""
     import ray
 
-    from .config import DecodeConfig, EncodeConfig, PreprocessConfig, VAEConfig
+    from .config import AuditConfig, DecodeConfig, EncodeConfig, PreprocessConfig, VAEConfig
     from .jobs import run
-    from .io.latent_reader import read_latents
 
     workdir = Path(workdir).resolve()
     shards = build_demo_shards(workdir / "shards")
-    out = workdir / "latents"
-    decoded = workdir / "decoded"
+    out, decoded, audited = workdir / "latents", workdir / "decoded", workdir / "audit"
     print(f"built {len(shards)} shard(s) of bundled photos in {workdir / 'shards'}")
     cfg = EncodeConfig(
-        input=(str(workdir / "shards"),), output=str(out),
-        vae=VAEConfig(source=f"random:{preset}", dtype="float32"),
+        input=(str(workdir / "shards"),), output=str(out), vae=VAEConfig(source=vae, dtype="float32"),
         preprocess=PreprocessConfig(resolution=resolution), actors=actors, batch_size=4,
         min_samples_for_error_rate=1000,  # the demo's one broken sample must not stop it
     )
@@ -104,19 +107,24 @@ def run_demo(workdir: str | Path = "latentcache-demo", *, preset: str = "sd15", 
         ray.init(address="local", include_dashboard=False)
     try:
         summary = run(cfg)
-        rows = [(key, latent) for key, latent, _ in read_latents(str(out))]
-        keys, latent = [k for k, _ in rows], rows[0][1]
         print(f"\nencoded {summary.samples_written} images ({summary.samples_errored} recorded as errors) "
-              f"into {summary.total_shards} shard(s) at {summary.steady_images_per_second:.1f} img/s "
-              f"once the VAE was loaded")
-        print(f"latents: {len(keys)} rows, each {latent.shape} {latent.dtype}; VAE has RANDOM WEIGHTS (demo only)")
+              f"into {summary.total_shards} shard(s) with the VAE {vae} at "
+              f"{summary.steady_images_per_second:.1f} img/s once the VAE was loaded")
         back = run(DecodeConfig(input=(str(out),), output=str(decoded), actors=actors, batch_size=4))
+        print(f"decoded {back.samples_written} latents back into images in {back.total_shards} WebDataset shard(s)")
+        audit = run(AuditConfig(input=(str(out),), output=str(audited), actors=actors, batch_size=4, worst=6))
     finally:
         if started:
             ray.shutdown()
-    print(f"decoded {back.samples_written} latents back into images in {back.total_shards} WebDataset shard(s) "
-          f"(random weights: the images are noise)")
-    print(f"output:  {out}")
+    r = audit.result
+    noise = " (RANDOM WEIGHTS: the reconstructions are noise)" if summary.random_weights else ""
+    print(f"audited {audit.samples_written} latents against their photos: mean PSNR {r['psnr_mean']:.2f} dB, "
+          f"mean SSIM {r['ssim_mean']:.3f}, latent scaling {'ok' if r['scaling_ok'] else 'SUSPECT'}, "
+          f"{r['missing']} missing{noise}")
+    print(f"vae:     {vae}")
+    print(f"latents: {out}")
     print(f"images:  {decoded}")
     print(f"errors:  {out / '.latentcache' / 'errors.parquet'}   status: latentcache status {out}")
-    return out
+    report = audited / "report.html"
+    print(f"report:  {report}")
+    return report

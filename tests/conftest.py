@@ -91,3 +91,20 @@ def ray_cluster() -> Iterator[None]:
         yield None
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """`open(html, screenshot) -> PageReport` in headless Chromium (tests/browser.py).
+
+    `make setup` installs Debian's chromium where it is missing. Without it the test is skipped,
+    unless LATENTCACHE_REQUIRE_BROWSER=1 (set by .ci/run), where a missing browser fails.
+    """
+    from tests.browser import find_chromium, open_page
+
+    if find_chromium() is None:
+        message = "no Chromium found ($CHROMIUM, chromium, chromium-browser, google-chrome); `make setup-browser`"
+        if os.environ.get("LATENTCACHE_REQUIRE_BROWSER") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return open_page

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -18,7 +19,7 @@ def test_version_and_help(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for command in ("encode", "decode", "status", "demo"):
+    for command in ("encode", "decode", "audit", "status", "demo"):
         assert command in out
 
 
@@ -37,13 +38,20 @@ def test_bad_config_is_a_clear_error_not_a_traceback(capsys, tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_demo_encodes_bundled_photos_and_status_reports_it(ray_cluster, tmp_path, capsys):
-    assert main(["demo", "--workdir", str(tmp_path / "demo"), "--preset", "tiny", "--resolution", "64"]) == 0
+def test_demo_encodes_decodes_and_audits_the_bundled_photos_with_the_trained_vae(ray_cluster, tmp_path, capsys):
+    assert main(["demo", "--workdir", str(tmp_path / "demo"), "--resolution", "128"]) == 0
     out = capsys.readouterr().out
-    assert f"output:  {tmp_path / 'demo' / 'latents'}" in out
+    assert f"latents: {tmp_path / 'demo' / 'latents'}" in out
+    assert "vae:     builtin:tiny-demo" in out
     assert "1 recorded as errors" in out
     assert "decoded 16 latents back into images in 5 WebDataset shard(s)" in out
     assert len(list((tmp_path / "demo" / "decoded").glob("*.tar"))) == 5
+    report = tmp_path / "demo" / "audit" / "report.html"
+    assert f"report:  {report}" in out and report.is_file()
+    summary = json.loads((tmp_path / "demo" / "audit" / "summary.json").read_text())
+    assert summary["vae"]["source"] == "builtin:tiny-demo" and not summary["vae"]["random_weights"]
+    assert summary["audited"]["keys"] == 16 and summary["completeness"]["missing"] == 0
+    assert summary["quality"]["psnr"]["mean"] > 18  # recognisable: the trained weights, not noise
     assert main(["status", str(tmp_path / "demo" / "latents")]) == 0
     status = capsys.readouterr().out
     assert "SUCCEEDED" in status and "5/5 committed" in status and "1 errored" in status

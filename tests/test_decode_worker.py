@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import DecodeConfig
-from pipeline.core.kind import JobPlan, PermanentShardError, PlanContext, shard_metadata
+from pipeline.core.kind import JobPlan, PermanentShardError, PlanContext, ShardContext, shard_metadata
 from pipeline.core.ledger import Ledger, build_manifest
 from pipeline.core.scheduler import ShardTask
 from pipeline.core.shard import ShardProcessor
@@ -113,7 +113,8 @@ def test_a_shard_of_another_vae_cannot_succeed(tmp_path):
     worker, _, _ = _worker(tmp_path, good)
     other = _latents(tmp_path / "x", fingerprint="random-0000000000000000")
     with pytest.raises(PermanentShardError, match="made with the VAE random-0000000000000000"):
-        list(worker.read(ShardTask("s", other)))
+        task = ShardTask("s", other)
+        list(worker.read(task, ShardContext(task)))
 
 
 def test_latent_inputs_expand_braces_and_globs_and_check_names(tmp_path):

@@ -96,8 +96,24 @@ def _resolve_hub(repo: str) -> ResolvedSource:
     return _resolve_folder(fsspec.filesystem("file"), folder, "")
 
 
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+
+
+def builtin_weights() -> list[str]:
+    """The VAEs shipped inside this package (`builtin:NAME` sources): diffusers folders under vae/weights/."""
+    if not os.path.isdir(BUILTIN_DIR):
+        return []
+    return sorted(n for n in os.listdir(BUILTIN_DIR) if os.path.isfile(os.path.join(BUILTIN_DIR, n, "config.json")))
+
+
 def resolve_source(source: str, storage_options: Mapping[str, Any] | None = None) -> ResolvedSource:
     """Find the weights file (and config) that `source` names."""
+    if source.startswith(BUILTIN_PREFIX):
+        name = source[len(BUILTIN_PREFIX):]
+        if name not in builtin_weights():
+            raise WeightsError(f"no built-in VAE {name!r}; expected one of {builtin_weights()}")
+        return _resolve_folder(fsspec.filesystem("file"), os.path.join(BUILTIN_DIR, name), "")
     if _looks_like_repo_id(source):
         return _resolve_hub(source)
     fs, path = fsspec.core.url_to_fs(source, **(storage_options or {}))
@@ -166,6 +182,8 @@ _DIFFUSERS_ATTN = {
     "group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
     "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out",
 }
+# The names today's diffusers writes (the older query/key/value ones are only read).
+_ATTN_TO_DIFFUSERS = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 
 
 def is_diffusers_layout(state: Mapping[str, torch.Tensor]) -> bool:
@@ -218,6 +236,36 @@ def to_model_layout(state: Mapping[str, torch.Tensor], num_levels: int) -> dict[
         if re.search(r"\.attn_1\.(q|k|v|proj_out)\.weight$", k) and v.ndim == 4:
             v = v[:, :, 0, 0]
         out[k] = v
+    return out
+
+
+def _compvis_key_to_diffusers(key: str, num_levels: int) -> str:
+    """The inverse of `_diffusers_key_to_compvis`: one name of this package's layout in diffusers'."""
+    k = key.replace(".nin_shortcut.", ".conv_shortcut.")
+    k = re.sub(r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out.", k)
+    k = re.sub(r"^(encoder|decoder)\.mid\.block_1\.", r"\1.mid_block.resnets.0.", k)
+    k = re.sub(r"^(encoder|decoder)\.mid\.block_2\.", r"\1.mid_block.resnets.1.", k)
+    m = re.match(r"^(encoder|decoder)\.mid\.attn_1\.([a-z_]+)\.(.+)$", k)
+    if m:
+        k = f"{m.group(1)}.mid_block.attentions.0.{_ATTN_TO_DIFFUSERS[m.group(2)]}.{m.group(3)}"
+    k = re.sub(r"^encoder\.down\.(\d+)\.block\.(\d+)\.", r"encoder.down_blocks.\1.resnets.\2.", k)
+    k = re.sub(r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0.", k)
+    # diffusers numbers decoder levels from the deepest up; CompVis by resolution.
+    k = re.sub(r"^decoder\.up\.(\d+)\.block\.(\d+)\.",
+               lambda m: f"decoder.up_blocks.{num_levels - 1 - int(m.group(1))}.resnets.{m.group(2)}.", k)
+    k = re.sub(r"^decoder\.up\.(\d+)\.upsample\.",
+               lambda m: f"decoder.up_blocks.{num_levels - 1 - int(m.group(1))}.upsamplers.0.", k)
+    return k
+
+
+def to_diffusers_layout(state: Mapping[str, torch.Tensor], num_levels: int) -> dict[str, torch.Tensor]:
+    """This package's layout -> diffusers' AutoencoderKL names (attention as linear weights, as
+    diffusers has them); checked to map back exactly, so a saved folder loads as it was trained."""
+    own = {k: v.detach().contiguous() for k, v in state.items()}
+    out = {_compvis_key_to_diffusers(k, num_levels): v for k, v in own.items()}
+    back = to_model_layout(out, num_levels)
+    if set(back) != set(own) or any(not torch.equal(back[k], own[k]) for k in own):
+        raise WeightsError(f"diffusers names do not map back onto the model: {sorted(set(back) ^ set(own))[:8]}")
     return out
 
 

@@ -51,6 +51,10 @@ class JobPlan:
     identity: every value that changes the bytes of an output shard; a resumed job must match it.
     provenance: facts recorded beside it (the VAE's source, the code version), not compared.
     worker_args: plain data the workers need (the passthrough columns, the VAE to load, ...).
+    data_dir: the subfolder of the output that holds the data files ("" for the folder itself), for
+      a kind whose output folder is a report with its per-shard parts beside it.
+    outputs: what `finish` writes over the whole job (relative names; a trailing '/' for a folder of
+      them): removed when the job is opened again, so a stale one is never read as this run's.
     """
 
     inputs: Mapping[str, str]
@@ -58,6 +62,8 @@ class JobPlan:
     provenance: Mapping[str, Any]
     data_extension: str
     worker_args: Mapping[str, Any] = field(default_factory=dict)
+    data_dir: str = ""
+    outputs: tuple[str, ...] = ()
 
 
 def shard_metadata(plan: JobPlan) -> dict[str, str]:
@@ -103,9 +109,9 @@ class ShardWorker(ABC):
         `summary` (one line naming the model)."""
 
     @abstractmethod
-    def read(self, task: ShardTask) -> Iterable[Any | SampleError]:
+    def read(self, task: ShardTask, ctx: ShardContext) -> Iterable[Any | SampleError]:
         """The input shard's items in order, with SampleErrors for unreadable ones; raises for
-        failures a retry may fix (and PermanentShardError for those it cannot)."""
+        failures a retry may fix (and PermanentShardError for those it cannot). `ctx` takes counters."""
 
     @abstractmethod
     def prepare(self, item: Any, task: ShardTask) -> Any | SampleError:
@@ -159,6 +165,16 @@ class JobKind(ABC):
 
     def shard_done(self, result: Any) -> None:
         """Called in the driver for each committed shard (`ShardResult`): say what a person should know."""
+
+    def finish(self, cfg: RunConfig, plan: JobPlan, ledger: Any) -> Mapping[str, Any] | None:
+        """Called in the driver once every shard is committed, before SUCCESS: write what spans the
+        whole job (a report, say) from the committed shards; returns facts for the summary."""
+        return None
+
+    def verdict(self, cfg: RunConfig, summary: Any) -> str | None:
+        """Why a finished job's result fails the gate its config sets (a quality threshold), or
+        None; the command exits non-zero with this message."""
+        return None
 
     def describe_summary(self, counters: Mapping[str, int]) -> str:
         """Extra words for the end-of-job line (the kind's counters)."""

@@ -80,9 +80,16 @@ def identity_hash(identity: Mapping[str, Any]) -> str:
 def build_manifest(*, kind: str, identity: Mapping[str, Any], shards: Mapping[str, str], data_extension: str,
                    code_version: str, **extra: Any) -> dict[str, Any]:
     """A manifest for `Ledger.open_job`: job kind, identity, input shards (name -> URL), the data
-    files' extension, code version, and what the job kind adds (`provenance`, ...)."""
+    files' extension, code version, and what the job kind adds (`provenance`; `data_dir` for data
+    files kept in a subfolder; `outputs`, what the job writes over all shards, removed on reopening)."""
     return {**extra, "kind": kind, "identity": dict(identity), "shards": dict(shards),
             "data_extension": data_extension, "code_version": code_version}
+
+
+def _is_data_file(rel: str) -> bool:
+    """`name.ext` or `dir/name.ext`, neither part hidden or reserved: never outside the folder."""
+    parts = rel.split("/")
+    return 1 <= len(parts) <= 2 and all(p and not p.startswith(("_", ".")) for p in parts)
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -126,7 +133,7 @@ class ShardRecord:
                    errors: list[SampleError] | tuple[SampleError, ...], identity_hash: str,
                    attempt: int = 1, seconds: float = 0.0, counters: Mapping[str, int] | None = None) -> ShardRecord:
         """The record for a shard that a writer just committed."""
-        return cls(name=stats.name, input_url=input_url, data_file=posixpath.basename(stats.path),
+        return cls(name=stats.name, input_url=input_url, data_file=stats.data_file or posixpath.basename(stats.path),
                    samples_read=samples_read, samples_written=stats.samples, errors=tuple(errors),
                    bytes=stats.bytes, sha256=stats.sha256, identity_hash=identity_hash,
                    attempt=attempt, seconds=seconds, counters=dict(counters or {}))
@@ -167,8 +174,9 @@ class ShardRecord:
                            for e in errors)
         except (TypeError, KeyError) as e:
             raise LedgerError(f"{where}: an error entry lacks {e}; expected key, shard, stage, reason") from None
-        if posixpath.basename(data["data_file"]) != data["data_file"] or data["data_file"].startswith(("_", ".")):
-            raise LedgerError(f"{where}: data_file={data['data_file']!r} must be a file name in the output folder")
+        if not _is_data_file(data["data_file"]):
+            raise LedgerError(f"{where}: data_file={data['data_file']!r} must be a file name in the output folder "
+                              "or in one subfolder of it")
         return cls(**{**data, "errors": parsed, "seconds": float(data.get("seconds", 0.0))})
 
 
@@ -364,6 +372,8 @@ class Ledger:
                 f"output {self.url} holds the output of a different job: {'; '.join(diffs)}; "
                 "use --overwrite to replace it, or choose another output")
         self._rm_if_exists(self._path(self.layout.success))
+        if old is not None:
+            self._remove_job_outputs(old)
         if overwrite:
             self._wipe(old)
         self.cleanup_tmp()
@@ -391,12 +401,26 @@ class Ledger:
         records = self.job_records()
         return records if {r.name for r in records} >= set(old["shards"]) else None
 
+    def _remove_job_outputs(self, old: Mapping[str, Any]) -> None:
+        """Remove what the old manifest lists as written over the whole job (`outputs`: the audit's
+        report, say): it is rewritten at the end, and until then a stale one must not be read as this
+        run's. Entries ending in '/' are folders of such files. Only names the manifest lists."""
+        for rel in old.get("outputs", ()):
+            if not isinstance(rel, str) or not _is_data_file(rel.rstrip("/")):
+                logger.warning("manifest output %r is not a name inside the output folder; left alone", rel)
+                continue
+            if rel.endswith("/"):
+                self._rm([e["name"] for e in self._ls(self._path(rel.rstrip("/"))) if e["type"] == "file"])
+            else:
+                self._rm_if_exists(self._path(rel))
+
     def _wipe(self, old: Mapping[str, Any] | None) -> None:
         """Remove what latentcache wrote here: marker, records, errors, temp files, manifest, and the
         data files that the old manifest or a record names. Nothing else is touched."""
         data_files: set[str] = set()
+        folder = str((old or {}).get("data_dir", ""))
         if old is not None:
-            data_files = {f"{n}.{old['data_extension']}" for n in old["shards"]}
+            data_files = {f"{folder + '/' if folder else ''}{n}.{old['data_extension']}" for n in old["shards"]}
         records = [e["name"] for e in self._ls(self._path(self.layout.records)) if e["type"] == "file"]
         for path, raw in self._cat_many(records).items():
             try:
@@ -404,6 +428,9 @@ class Ledger:
             except (LedgerError, ValueError) as e:  # its data file is still covered by the manifest's names
                 logger.warning("overwrite: ignoring unreadable record %s: %s", path, e)
         present = {posixpath.basename(e["name"]): e["name"] for e in self._ls(self.root) if e["type"] == "file"}
+        if folder:
+            present.update({f"{folder}/{posixpath.basename(e['name'])}": e["name"]
+                            for e in self._ls(self._path(folder)) if e["type"] == "file"})
         # Marker and records first: a crash mid-wipe leaves data without records, i.e. uncommitted.
         for rel in (self.layout.success, self.layout.errors):
             self._rm_if_exists(self._path(rel))
@@ -501,7 +528,7 @@ class Ledger:
                        if e["type"] == "file" and e["name"].endswith(".json"))
         if not paths:
             return []
-        sizes = {posixpath.basename(e["name"]): e["size"] for e in self._ls(self.root) if e["type"] == "file"}
+        sizes = self._data_sizes()
         out = []
         for path, raw in sorted(self._cat_many(paths).items()):
             name = posixpath.basename(path)[: -len(".json")]
@@ -516,6 +543,14 @@ class Ledger:
                 continue
             out.append(record)
         return out
+
+    def _data_sizes(self) -> dict[str, int]:
+        """Data file (relative path) -> size, from one listing of the folder that holds them."""
+        manifest = self._manifest if self._manifest is not None else self.read_manifest()
+        folder = str(manifest.get("data_dir", "")) if manifest is not None else ""
+        prefix = f"{folder}/" if folder else ""
+        return {prefix + posixpath.basename(e["name"]): e["size"]
+                for e in self._ls(self._path(folder) if folder else self.root) if e["type"] == "file"}
 
     def job_records(self) -> list[ShardRecord]:
         """The committed records of the manifest's shards, by name."""
@@ -532,6 +567,11 @@ class Ledger:
         write_atomically(self.fs, self._tmp, self._path(self.layout.errors),
                          lambda f: pq.write_table(table, f, compression="zstd"))
         return len(errors)
+
+    def read_success(self) -> dict[str, Any] | None:
+        """The SUCCESS summary, or None when the job has not finished."""
+        data = self._read_json(self._path(self.layout.success))
+        return data if isinstance(data, dict) else None
 
     def write_success(self, summary: Mapping[str, Any]) -> None:
         """Write SUCCESS (the caller's summary plus the ledger's counts) once every shard is committed.

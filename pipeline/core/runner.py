@@ -57,6 +57,7 @@ class JobSummary:
     steady_seconds: float
     random_weights: bool
     counters: Mapping[str, int] = field(default_factory=dict)
+    result: Mapping[str, Any] = field(default_factory=dict)  # the job kind's `finish` facts
 
     @property
     def images_per_second(self) -> float:
@@ -69,7 +70,7 @@ class JobSummary:
         return self.samples_read / self.steady_seconds if self.steady_seconds > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "counters": dict(self.counters)}
+        return {**dataclasses.asdict(self), "counters": dict(self.counters), "result": dict(self.result)}
 
 
 def actor_resources(requested: int | None, wants_gpu: bool) -> tuple[int, dict[str, float], str]:
@@ -121,8 +122,11 @@ class _Progress:
 
 
 def _manifest(kind: JobKind, job: JobPlan) -> dict[str, Any]:
+    extra: dict[str, Any] = {"data_dir": job.data_dir} if job.data_dir else {}
+    if job.outputs:
+        extra["outputs"] = list(job.outputs)
     return build_manifest(kind=kind.name, identity=job.identity, shards=job.inputs, data_extension=job.data_extension,
-                          code_version=__version__, provenance=dict(job.provenance))
+                          code_version=__version__, provenance=dict(job.provenance), **extra)
 
 
 def _open_output(kind: JobKind, cfg: RunConfig, job: JobPlan) -> tuple[Ledger, list[ShardRecord], dict[str, str]]:
@@ -147,9 +151,11 @@ def _finished(kind: JobKind, cfg: RunConfig, job: JobPlan, t0: float, random_wei
                           cfg.max_error_rate, cfg.min_samples_for_error_rate) is not None:
         return None  # the normal path reports it, and takes SUCCESS away
     log.info("%s: the job finished already (%d shards); nothing to do", ledger.url, len(done))
+    last_run = (ledger.read_success() or {}).get("this_run") or {}
     return JobSummary(kind=kind.name, output=ledger.url, total_shards=len(job.inputs), skipped_shards=len(done),
                       processed_shards=0, samples_read=0, samples_written=0, samples_errored=0,
-                      seconds=time.monotonic() - t0, steady_seconds=0.0, random_weights=random_weights)
+                      seconds=time.monotonic() - t0, steady_seconds=0.0, random_weights=random_weights,
+                      result=dict(last_run.get("result") or {}))
 
 
 def _start_pool(kind: JobKind, cfg: RunConfig, job: JobPlan, n_actors: int, resources: dict[str, float],
@@ -228,13 +234,14 @@ def run_job(kind: JobKind | str, cfg: RunConfig, *, ray_address: str | None = No
             raise JobError(f"{len(sched.failed)} shard(s) failed after retries: {details}. "
                            "Run the same command again to retry them; committed shards are kept.")
         ledger.write_errors_table()
+        result = kind.finish(cfg, job, ledger) or {}
         read, written, errored = sched.totals()
         now = time.monotonic()
         summary = JobSummary(
             kind=kind.name, output=ledger.url, total_shards=len(job.inputs), skipped_shards=len(committed),
             processed_shards=len(sched.done), samples_read=read, samples_written=written,
             samples_errored=errored, counters=sched.counters(), seconds=now - t0,
-            steady_seconds=now - t_ready, random_weights=random_weights)
+            steady_seconds=now - t_ready, random_weights=random_weights, result=result)
         ledger.write_success({"this_run": summary.to_dict()})
         return summary
     finally:

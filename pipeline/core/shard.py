@@ -86,7 +86,7 @@ class ShardProcessor:
         window = max(2 * worker.batch_size, 4 * worker.threads)
         batches: dict[Hashable, list[Any]] = {}
         with worker.open_sink(task) as sink:
-            for item in prepare_in_threads(counted(worker.read(task)), worker, task, self._pool, window=window):
+            for item in prepare_in_threads(counted(worker.read(task, ctx)), worker, task, self._pool, window=window):
                 if isinstance(item, SampleError):
                     errors.append(item)
                     continue

@@ -23,13 +23,15 @@ class InvalidRecordError(ValueError):
 
 @dataclass(frozen=True)
 class ShardStats:
-    """What `commit()` wrote: the shard name, its full URL, sample count, byte size and sha256."""
+    """What `commit()` wrote: the shard name, its full URL, sample count, byte size and sha256;
+    `data_file` is its path relative to the output folder (`name.ext`, or `dir/name.ext`)."""
 
     name: str
     path: str
     samples: int
     bytes: int
     sha256: str
+    data_file: str = ""
 
 
 def check_shard_name(name: str) -> None:
@@ -39,7 +41,8 @@ def check_shard_name(name: str) -> None:
 
 
 class ShardSink:
-    """Streams one shard's records into `<output>/<name>.<extension>`; see the module docstring.
+    """Streams one shard's records into `<output>/<name>.<extension>` (or `<output>/<data_dir>/...`
+    for a job kind that keeps its shards in a subfolder); see the module docstring.
 
     Use as a context manager: an exception inside the block aborts the shard; leaving the block
     normally without `commit()` aborts it and raises, since that is a caller bug.
@@ -47,11 +50,15 @@ class ShardSink:
 
     extension: ClassVar[str] = ""
 
-    def __init__(self, output_url: str, name: str, *, storage_options: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, output_url: str, name: str, *, storage_options: Mapping[str, Any] | None = None,
+                 data_dir: str = "") -> None:
         check_shard_name(name)
+        if data_dir:
+            check_shard_name(data_dir)
         self.name = name
         self._fs, self._root = output_fs(output_url, storage_options)
-        self.path = join(self._root, f"{name}.{self.extension}")
+        self.data_file = f"{data_dir}/{name}.{self.extension}" if data_dir else f"{name}.{self.extension}"
+        self.path = join(self._root, self.data_file)
         self._upload: AtomicUpload | None = None
         self._keys: set[str] = set()
         self._state = "open"  # -> "committed" | "aborted"
@@ -114,7 +121,7 @@ class ShardSink:
         self._state = "committed"
         self._release()
         return ShardStats(name=self.name, path=self._fs.unstrip_protocol(self.path),
-                          samples=len(self._keys), bytes=size, sha256=sha)
+                          samples=len(self._keys), bytes=size, sha256=sha, data_file=self.data_file)
 
     def abort(self) -> None:
         """Drop the shard and its temp file; idempotent and a no-op after a successful commit."""

@@ -94,6 +94,23 @@ def read_shard_metadata(url: str, storage_options: Mapping[str, Any] | None = No
     raise ValueError(f"{where}: unknown shard file type; expected a name ending in {sorted(_EXTENSIONS)}")
 
 
+def shard_keys(url: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """The sample keys of one shard file, in stored order, without reading its latents (Parquet:
+    the key column; safetensors: the header)."""
+    fs, path = output_fs(url, storage_options)
+    fmt = _format_of(path)
+    if fmt == "parquet":
+        with fs.open(path, "rb") as f:
+            return pq.ParquetFile(f).read(columns=["key"]).column("key").to_pylist()
+    if fmt == "safetensors":
+        meta = _safetensors_header(fs, path).get("__metadata__", {})
+        if "samples" not in meta:
+            raise ValueError(f"{fs.unstrip_protocol(path)}: no 'samples' metadata; expected the per-sample JSON list")
+        return [s["key"] for s in json.loads(meta["samples"])]
+    raise ValueError(f"{fs.unstrip_protocol(path)}: unknown shard file type; expected a name ending in "
+                     f"{sorted(_EXTENSIONS)}")
+
+
 def _lists(column: pa.Array, shapes: list[list[int]]) -> list[np.ndarray | None]:
     """A list<float> column -> one (C, h, w) array (copied) or None per row."""
     values = column.values.to_numpy(zero_copy_only=False)
@@ -276,4 +293,5 @@ def read_latents(url: str, storage_options: Mapping[str, Any] | None = None, *,
         yield from reader(fs, file, name, with_logvar)
 
 
-__all__ = ["CorruptShardError", "expand_latent_inputs", "is_shard_file", "read_latents", "read_shard_metadata", "shard_urls"]
+__all__ = ["CorruptShardError", "expand_latent_inputs", "is_shard_file", "read_latents", "read_shard_metadata",
+           "shard_keys", "shard_urls"]

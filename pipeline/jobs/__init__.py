@@ -10,10 +10,11 @@ from pipeline.core.kind import JobKind
 
 def _registry() -> dict[str, type[JobKind]]:
     # Imported on first use: the jobs import torch and the VAE.
+    from pipeline.jobs.audit import AuditJob
     from pipeline.jobs.decode import DecodeJob
     from pipeline.jobs.encode import EncodeJob
 
-    return {job.name: job for job in (EncodeJob, DecodeJob)}
+    return {job.name: job for job in (EncodeJob, DecodeJob, AuditJob)}
 
 
 def kinds() -> list[JobKind]:

@@ -14,13 +14,13 @@ import json
 import logging
 import posixpath
 from dataclasses import dataclass
-from typing import Any, Hashable, Iterable, Mapping
+from typing import Any, Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from vae import inspect_vae
+from vae import PRESETS, inspect_vae
 
 from pipeline.config import DecodeConfig, VAEConfig
 from pipeline.core.kind import JobKind, JobPlan, PermanentShardError, PlanContext, PlanError, ShardContext
@@ -101,6 +101,72 @@ def _latents_identity(urls: list[str], cfg: DecodeConfig) -> tuple[dict[str, Any
     return identity, _provenance_of_shard(urls[0], cfg), None
 
 
+def latent_shard_inputs(patterns: Sequence[str], storage_options: Mapping[str, Any] | None, *,
+                        job: str) -> dict[str, str]:
+    """Latent shard name -> URL for a job that reads latents; raises PlanError when there are none,
+    or when two shards share a name (their outputs would collide)."""
+    urls = expand_latent_inputs(patterns, storage_options)
+    if not urls:
+        raise PlanError(f"input {list(patterns)}: no committed latent shards to {job}")
+    names: dict[str, str] = {}
+    for url in urls:
+        name = latent_shard_name(url)
+        if name in names and names[name] != url:
+            raise PlanError(f"latent shards {names[name]} and {url} have the same name {name}; "
+                            f"{job} them into different outputs")
+        names[name] = url
+    return names
+
+
+def check_latent_shard(url: str, codec: Any, storage_options: Mapping[str, Any] | None) -> dict[str, str]:
+    """The shard's metadata, once it is known to be made with `codec`'s VAE and scaling; else
+    PermanentShardError (no retry decodes another VAE's latents right)."""
+    meta = read_shard_metadata(url, storage_options)
+    fingerprint = meta.get("vae_fingerprint")
+    if fingerprint != codec.fingerprint:
+        raise PermanentShardError(f"latent shard {url} was made with the VAE {fingerprint}; this job decodes "
+                                  f"with {codec.fingerprint} ({codec.source})")
+    scaling = (float(meta.get("scaling_factor", "nan")), float(meta.get("shift_factor", "nan")))
+    if scaling != (codec.scaling_factor, codec.shift_factor):
+        raise PermanentShardError(
+            f"latent shard {url} is scaled by {scaling[0]} with shift {scaling[1]}; the "
+            f"{codec.preset.name} VAE uses {codec.scaling_factor} and {codec.shift_factor}")
+    return meta
+
+
+def latents_vae_config(vae: VAEConfig, provenance: Mapping[str, Any], preset: str | None) -> VAEConfig:
+    """`vae.source` as given, else the latents' own VAE (source, preset, seed), run as `vae` says."""
+    run = {"dtype": vae.dtype, "device": vae.device, "compile": vae.compile}
+    if vae.source:
+        return VAEConfig(source=vae.source, preset=vae.preset, seed=vae.seed, **run)
+    source = provenance.get("vae_source")
+    if not source:
+        raise PlanError("the latents do not name the VAE that made them (no vae_source in their manifest "
+                        "or metadata); pass --vae and --preset")
+    # A VAE read from a diffusers config has no preset name of ours ("custom"): its config decides.
+    known = preset if preset in PRESETS and not str(source).startswith("random:") else None
+    return VAEConfig(source=str(source), preset=known, seed=int(provenance.get("vae_seed", 0)), **run)
+
+
+def plan_latents_vae(cfg: DecodeConfig | Any, urls: list[str], ctx: PlanContext) -> tuple[VAEConfig, Any, dict, dict, str | None]:
+    """The VAE that decodes the latents at `urls` (checked against their fingerprint), its info, the
+    VAE's part of the job identity, the latents' provenance and their identity hash (see `_latents_identity`)."""
+    latents, provenance, latents_hash = _latents_identity(urls, cfg)
+    vae = latents_vae_config(cfg.vae, provenance, latents.get("preset"))
+    info = inspect_vae(vae.source, vae.preset, seed=vae.seed, storage_options=cfg.storage_options)
+    if info.fingerprint != latents.get("vae_fingerprint"):
+        raise PlanError(f"the VAE {vae.source!r} has fingerprint {info.fingerprint}, but the latents were "
+                        f"made with {latents.get('vae_fingerprint')} ({provenance.get('vae_source')!r}); "
+                        "decoding them with another VAE gives wrong images")
+    _, compute_dtype = compute_device_and_dtype(vae, ctx.device)
+    return vae, info, vae_identity(info.fingerprint, info.preset, compute_dtype), provenance, latents_hash
+
+
+def vae_worker_args(vae: VAEConfig) -> dict[str, Any]:
+    return {"source": vae.source, "preset": vae.preset, "seed": vae.seed, "dtype": vae.dtype,
+            "device": vae.device, "compile": vae.compile}
+
+
 class DecodeWorker(VAEWorker):
     """Decodes latent shards with one codec; images are encoded to PNG/JPEG/WebP outside the model lock."""
 
@@ -109,18 +175,8 @@ class DecodeWorker(VAEWorker):
                          batch_size=cfg.batch_size, threads=cfg.decode_threads)
         self.cfg = cfg
 
-    def read(self, task: ShardTask) -> Iterable[tuple[str, np.ndarray, dict]]:
-        meta = read_shard_metadata(task.url, self.cfg.storage_options)
-        fingerprint = meta.get("vae_fingerprint")
-        if fingerprint != self.codec.fingerprint:
-            raise PermanentShardError(
-                f"latent shard {task.url} was made with the VAE {fingerprint}; this job decodes with "
-                f"{self.codec.fingerprint} ({self.vae.source})")
-        scaling = (float(meta.get("scaling_factor", "nan")), float(meta.get("shift_factor", "nan")))
-        if scaling != (self.codec.scaling_factor, self.codec.shift_factor):
-            raise PermanentShardError(
-                f"latent shard {task.url} is scaled by {scaling[0]} with shift {scaling[1]}; the "
-                f"{self.codec.preset.name} VAE uses {self.codec.scaling_factor} and {self.codec.shift_factor}")
+    def read(self, task: ShardTask, ctx: ShardContext) -> Iterable[tuple[str, np.ndarray, dict]]:
+        check_latent_shard(task.url, self.codec, self.cfg.storage_options)
         return read_latents(task.url, self.cfg.storage_options, with_logvar=self.cfg.sample == "posterior")
 
     def key_of(self, item: tuple[str, np.ndarray, dict]) -> str:
@@ -199,45 +255,15 @@ class DecodeJob(JobKind):
         p.add_argument("--seed", type=int, help="seed of the posterior samples")
 
     def inputs(self, cfg: DecodeConfig) -> dict[str, str]:  # type: ignore[override]
-        urls = expand_latent_inputs(cfg.input, cfg.storage_options)
-        if not urls:
-            raise PlanError(f"input {list(cfg.input)}: no committed latent shards to decode")
-        names: dict[str, str] = {}
-        for url in urls:
-            name = latent_shard_name(url)
-            if name in names and names[name] != url:
-                raise PlanError(f"latent shards {names[name]} and {url} would both write {name}.tar; "
-                                "decode them into different outputs")
-            names[name] = url
-        return names
+        return latent_shard_inputs(cfg.input, cfg.storage_options, job=self.name)
 
     def wants_gpu(self, cfg: DecodeConfig) -> bool:  # type: ignore[override]
         return cfg.vae.device != "cpu"
 
-    def _vae_config(self, cfg: DecodeConfig, provenance: Mapping[str, Any], preset: str | None) -> VAEConfig:
-        """`--vae` as given, else the latents' own VAE (source, preset, seed), run as `cfg.vae` says."""
-        run = {"dtype": cfg.vae.dtype, "device": cfg.vae.device, "compile": cfg.vae.compile}
-        if cfg.vae.source:
-            return VAEConfig(source=cfg.vae.source, preset=cfg.vae.preset, seed=cfg.vae.seed, **run)
-        source = provenance.get("vae_source")
-        if not source:
-            raise PlanError("the latents do not name the VAE that made them (no vae_source in their manifest "
-                            "or metadata); pass --vae and --preset")
-        random_source = str(source).startswith("random:")
-        return VAEConfig(source=str(source), preset=None if random_source else preset,
-                         seed=int(provenance.get("vae_seed", 0)), **run)
-
     def plan(self, cfg: DecodeConfig, inputs: Mapping[str, str], ctx: PlanContext) -> JobPlan:  # type: ignore[override]
-        latents, provenance, latents_hash = _latents_identity(list(inputs.values()), cfg)
-        vae = self._vae_config(cfg, provenance, latents.get("preset"))
-        info = inspect_vae(vae.source, vae.preset, seed=vae.seed, storage_options=cfg.storage_options)
-        if info.fingerprint != latents.get("vae_fingerprint"):
-            raise PlanError(f"the VAE {vae.source!r} has fingerprint {info.fingerprint}, but the latents were "
-                            f"made with {latents.get('vae_fingerprint')} ({provenance.get('vae_source')!r}); "
-                            "decoding them with another VAE gives wrong images")
-        _, compute_dtype = compute_device_and_dtype(vae, ctx.device)
-        identity: dict[str, Any] = {"kind": self.name, **vae_identity(info.fingerprint, info.preset, compute_dtype),
-                                    "image_format": cfg.image_format, "sample": cfg.sample}
+        vae, info, vae_part, _, latents_hash = plan_latents_vae(cfg, list(inputs.values()), ctx)
+        identity: dict[str, Any] = {"kind": self.name, **vae_part, "image_format": cfg.image_format,
+                                    "sample": cfg.sample}
         if cfg.image_format != "png":
             identity["quality"] = cfg.quality
         if cfg.sample == "posterior":
@@ -245,12 +271,11 @@ class DecodeJob(JobKind):
         if latents_hash is not None:  # another encode job's latents into the same output are another job
             identity["latents_identity_hash"] = latents_hash
         return JobPlan(inputs=dict(inputs), identity=identity, provenance=vae_provenance(vae, info.random_weights),
-                       data_extension=TarShardWriter.extension,
-                       worker_args={"vae": {"source": vae.source, "preset": vae.preset, "seed": vae.seed,
-                                            "dtype": vae.dtype, "device": vae.device, "compile": vae.compile}})
+                       data_extension=TarShardWriter.extension, worker_args={"vae": vae_worker_args(vae)})
 
     def worker(self, cfg: DecodeConfig, plan: JobPlan) -> DecodeWorker:  # type: ignore[override]
         return DecodeWorker(cfg, plan)
 
 
-__all__ = ["DecodeJob", "DecodeWorker", "to_uint8", "INFO_MEMBER"]
+__all__ = ["DecodeJob", "DecodeWorker", "to_uint8", "INFO_MEMBER", "check_latent_shard", "latents_vae_config",
+           "plan_latents_vae", "vae_worker_args", "latent_shard_inputs"]

@@ -109,7 +109,7 @@ class EncodeWorker(VAEWorker):
         self.passthrough: tuple[str, ...] = tuple(plan.identity["passthrough"])
         self._metadata = shard_metadata(plan)
 
-    def read(self, task: ShardTask) -> Iterable[RawSample | SampleError]:
+    def read(self, task: ShardTask, ctx: ShardContext) -> Iterable[RawSample | SampleError]:
         return iter_shard(task.url, self.cfg.storage_options)
 
     def key_of(self, item: RawSample) -> str:
