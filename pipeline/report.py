@@ -34,7 +34,7 @@ from pipeline.core.kind import JobPlan
 from pipeline.core.layout import CURRENT
 from pipeline.core.ledger import Ledger
 from pipeline.core.storage import join, write_atomically, write_bytes_atomically
-from pipeline.metrics import HEAT_MAX, SATURATED_FRACTION
+from pipeline.metrics import CLIP_MARGIN, HEAT_MAX, SATURATED_FRACTION
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +246,8 @@ def _page(s: Mapping[str, Any]) -> str:
         _card(_fmt(s["latents"]["std_rms"], 3), f"latent std (expected {LATENT_STD_BAND[0]}-{LATENT_STD_BAND[1]})",
               scale_level),
         _card(str(nonfinite), "non-finite latents or outputs", "bad" if nonfinite else ""),
-        _card(str(s["flags"]["saturated"]), f"saturated outputs (> {SATURATED_FRACTION:.0%} clipped)",
+        _card(str(s["flags"]["saturated"]),
+              f"saturated outputs (> {SATURATED_FRACTION:.0%} of values over {CLIP_MARGIN:g} beyond ±1)",
               "warn" if s["flags"]["saturated"] else ""),
         _card(str(missing), "source keys missing from the cache", "bad" if missing else ""),
     ])

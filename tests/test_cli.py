@@ -52,6 +52,7 @@ def test_demo_encodes_decodes_and_audits_the_bundled_photos_with_the_trained_vae
     assert summary["vae"]["source"] == "builtin:tiny-demo" and not summary["vae"]["random_weights"]
     assert summary["audited"]["keys"] == 16 and summary["completeness"]["missing"] == 0
     assert summary["quality"]["psnr"]["mean"] > 18  # recognisable: the trained weights, not noise
+    assert summary["flags"] == {"latent_non_finite": 0, "output_non_finite": 0, "saturated": 0}
     assert main(["status", str(tmp_path / "demo" / "latents")]) == 0
     status = capsys.readouterr().out
     assert "SUCCEEDED" in status and "5/5 committed" in status and "1 errored" in status
