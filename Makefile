@@ -13,7 +13,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU wheel first: an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	# Pinned to the torch already there: pip's backtracking over boto3/aiobotocore/s3fs otherwise
+	# re-picks torch and lands on a newer CUDA build, though nothing asks for one.
+	$(PY) -m pip install -q -e '.[test]' "torch==$$($(PY) -c "import importlib.metadata as m; print(m.version('torch'))")"
 	touch $(STAMP)
 
 # The report test opens report.html in headless Chromium: Debian's package, installed where missing.
