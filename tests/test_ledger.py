@@ -297,3 +297,53 @@ def test_success_marker_beside_an_uncommitted_shard_is_not_success(tmp_path) -> 
     p = Ledger(str(tmp_path)).progress()
     assert not p.succeeded and p.committed_shards == 2
     assert "SUCCEEDED" not in format_status(str(tmp_path))
+
+
+class _Flaky:
+    """Wraps one filesystem method: raises `error` the first `fails` calls, then calls through."""
+
+    def __init__(self, fn, fails: int, error: BaseException) -> None:
+        self.fn, self.fails, self.error, self.calls = fn, fails, error, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls <= self.fails:
+            raise self.error
+        return self.fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize("method", ["ls", "cat_file", "cat"])
+def test_transient_read_errors_are_retried(tmp_path, monkeypatch, caplog, method) -> None:
+    """Issue 8 defect 7: a flaky LIST or GET in the ledger's reads is retried with backoff."""
+    from pipeline.core import ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "READ_BACKOFF_S", 0.0)
+    ledger = Ledger(str(tmp_path / "latents"))
+    ledger.open_job(manifest(), overwrite=False)
+    write_shard(ledger, "train-000000", 3)
+    fresh = Ledger(str(tmp_path / "latents"))
+    flaky = _Flaky(getattr(fresh.fs, method), 2, ConnectionResetError("connection reset by peer"))
+    monkeypatch.setattr(fresh.fs, method, flaky)
+    with caplog.at_level(logging.WARNING):
+        assert [r.name for r in fresh.job_records()] == ["train-000000"]
+    assert flaky.calls >= 3
+    assert "retrying" in caplog.text and "connection reset by peer" in caplog.text
+
+
+def test_persistent_read_errors_end_in_a_named_ledger_error(tmp_path, monkeypatch) -> None:
+    from pipeline.core import ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "READ_BACKOFF_S", 0.0)
+    ledger = Ledger(str(tmp_path / "latents"))
+    ledger.open_job(manifest(), overwrite=False)
+    flaky = _Flaky(ledger.fs.ls, 10**6, TimeoutError("read timed out"))
+    monkeypatch.setattr(ledger.fs, "ls", flaky)
+    with pytest.raises(LedgerError, match=r"listing .*records failed \d+ times.*TimeoutError: read timed out"):
+        ledger.job_records()
+    assert flaky.calls == ledger_module.READ_ATTEMPTS
+    # A refused read is an answer, not a fault: never retried.
+    refused = _Flaky(ledger.fs.cat_file, 10**6, PermissionError("access denied"))
+    monkeypatch.setattr(ledger.fs, "cat_file", refused)
+    with pytest.raises(PermissionError):
+        ledger._read_json(ledger._record_path("x"))
+    assert refused.calls == 1

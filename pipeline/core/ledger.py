@@ -34,9 +34,10 @@ import hashlib
 import json
 import logging
 import posixpath
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -54,6 +55,47 @@ _LEGACY_MANIFEST_VERSION = 1
 _LEGACY_DATA_EXTENSIONS = ("parquet", "safetensors")
 _ERROR_FIELDS = tuple(f.name for f in dataclasses.fields(SampleError))
 _ERRORS_SCHEMA = pa.schema([pa.field(n, pa.string(), nullable=False) for n in _ERROR_FIELDS])
+
+
+T = TypeVar("T")
+
+# Reads of the ledger (LIST of records, GET of a record or the manifest) meet transient faults on
+# object stores: resets, timeouts, 503s, a GET whose checksum fails. They are retried with backoff.
+READ_ATTEMPTS = 5
+READ_BACKOFF_S = 0.5
+# Answers, not faults: retrying cannot change them.
+_PERMANENT_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    found: list[type[BaseException]] = [OSError, TimeoutError]
+    try:  # s3fs (aiobotocore) raises botocore's own types for some faults, FlexibleChecksumError among them
+        from botocore.exceptions import BotoCoreError
+
+        found.append(BotoCoreError)
+    except ImportError:
+        pass
+    return tuple(found)
+
+
+_TRANSIENT_ERRORS = _transient_errors()
+
+
+def _retried(what: str, read: Callable[[], T]) -> T:
+    """`read()`, retried on transient storage errors with exponential backoff; after
+    READ_ATTEMPTS a LedgerError naming `what`. Permanent answers (not found, denied) pass at once."""
+    for attempt in range(1, READ_ATTEMPTS + 1):
+        try:
+            return read()
+        except _PERMANENT_OS_ERRORS:
+            raise
+        except _TRANSIENT_ERRORS as e:
+            if attempt == READ_ATTEMPTS:
+                raise LedgerError(f"{what} failed {READ_ATTEMPTS} times; last: {type(e).__name__}: {e}") from e
+            delay = READ_BACKOFF_S * 2 ** (attempt - 1)
+            logger.warning("%s failed (%s: %s); retrying in %.1f s", what, type(e).__name__, e, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 class LedgerError(RuntimeError):
@@ -237,17 +279,23 @@ class Ledger:
 
     def _ls(self, path: str) -> list[dict[str, Any]]:
         """Entries of a folder, [] when it does not exist (a valid state: nothing written yet)."""
-        self.fs.invalidate_cache(path)
-        try:
+        def ls() -> list[dict[str, Any]]:
+            self.fs.invalidate_cache(path)
             return list(self.fs.ls(path, detail=True))
+
+        try:
+            return _retried(f"listing {self.fs.unstrip_protocol(path)}", ls)
         except FileNotFoundError:
             return []
 
     def _read_json(self, path: str) -> Any | None:
         """The parsed JSON at `path`, None when absent; raises LedgerError when unreadable JSON."""
-        self.fs.invalidate_cache(path)
+        def get() -> bytes:
+            self.fs.invalidate_cache(path)
+            return self.fs.cat_file(path)
+
         try:
-            raw = self.fs.cat_file(path)
+            raw = _retried(f"reading {self.fs.unstrip_protocol(path)}", get)
         except FileNotFoundError:
             return None
         try:
@@ -257,17 +305,30 @@ class Ledger:
 
     def _cat_many(self, paths: list[str]) -> dict[str, bytes]:
         """Contents of `paths` in one batched read; files deleted meanwhile are left out, other errors raise."""
-        if not paths:
-            return {}
-        for p in paths:
-            self.fs.invalidate_cache(p)
-        out = {}
-        for path, value in self.fs.cat(paths, on_error="return").items():
-            if isinstance(value, FileNotFoundError):
-                continue
-            if isinstance(value, BaseException):
-                raise LedgerError(f"reading {self.fs.unstrip_protocol(path)} failed: {value!r}") from value
-            out[path] = value
+        out: dict[str, bytes] = {}
+        todo = list(paths)
+
+        def cat() -> None:
+            # Only the paths still to read: a retry does not fetch again what already arrived.
+            for p in todo:
+                self.fs.invalidate_cache(p)
+            failed: list[tuple[str, BaseException]] = []
+            for path, value in self.fs.cat(list(todo), on_error="return").items():
+                if isinstance(value, FileNotFoundError):
+                    todo.remove(path)
+                elif isinstance(value, BaseException):
+                    failed.append((path, value))
+                else:
+                    out[path] = value
+                    todo.remove(path)
+            if failed:
+                path, error = failed[0]
+                if isinstance(error, _TRANSIENT_ERRORS) and not isinstance(error, _PERMANENT_OS_ERRORS):
+                    raise error
+                raise LedgerError(f"reading {self.fs.unstrip_protocol(path)} failed: {error!r}") from error
+
+        if todo:
+            _retried(f"reading {len(paths)} record(s) under {self.url}", cat)
         return out
 
     def _write_json(self, path: str, data: Any) -> None:
