@@ -14,7 +14,6 @@ The parts are read one at a time, so memory holds one part plus a few numbers pe
 from __future__ import annotations
 
 import datetime as _dt
-import heapq
 import html
 import io
 import json
@@ -34,6 +33,7 @@ from pipeline.core.kind import JobPlan
 from pipeline.core.layout import CURRENT
 from pipeline.core.ledger import Ledger
 from pipeline.core.storage import join, write_atomically, write_bytes_atomically
+from pipeline.jobs.audit import METRIC_COLUMNS, PART_SCHEMA, LowestK
 from pipeline.metrics import CLIP_MARGIN, HEAT_MAX, SATURATED_FRACTION
 
 log = logging.getLogger(__name__)
@@ -59,17 +59,11 @@ class _Totals:
     sum_sq: np.ndarray | None = None
     flags: dict[str, int] = field(default_factory=lambda: {"latent_non_finite": 0, "output_non_finite": 0,
                                                            "saturated": 0})
-    worst: list[tuple[float, int, dict]] = field(default_factory=list)
-    random: list[tuple[float, int, dict]] = field(default_factory=list)
-    n: int = 0
+    worst: LowestK = field(init=False)
+    random: LowestK = field(init=False)
 
-    def _keep(self, heap: list, rank: float, row: dict) -> None:
-        self.n += 1
-        item = (-rank, self.n, row)
-        if len(heap) < self.k:
-            heapq.heappush(heap, item)
-        elif -heap[0][0] > rank:
-            heapq.heapreplace(heap, item)
+    def __post_init__(self) -> None:
+        self.worst, self.random = LowestK(self.k), LowestK(self.k)
 
     def add(self, table: pa.Table) -> None:
         self.rows += table.num_rows
@@ -95,8 +89,8 @@ class _Totals:
             self.stds.append(s.astype(np.float32))
         keys = table.select(["key", "shard", "flipped", "psnr", "ssim", "mae", "pick"]).to_pylist()
         for row in keys:
-            self._keep(self.worst, -math.inf if row["psnr"] is None else row["psnr"], row)
-            self._keep(self.random, row["pick"], row)
+            self.worst.offer(-math.inf if row["psnr"] is None else row["psnr"], lambda row=row: row)
+            self.random.offer(row["pick"], lambda row=row: row)
 
     def channel_stats(self) -> tuple[list[float], list[float]]:
         if self.sum_mean is None or self.weight == 0:
@@ -111,10 +105,6 @@ def _stats(values: np.ndarray) -> dict[str, float | None]:
         return {"mean": None, "median": None, "p05": None, "min": None, "max": None}
     return {"mean": float(values.mean()), "median": float(np.median(values)),
             "p05": float(np.percentile(values, 5)), "min": float(values.min()), "max": float(values.max())}
-
-
-def _sorted(heap: list[tuple[float, int, dict]]) -> list[dict]:
-    return [row for _, _, row in sorted(heap, key=lambda item: (-item[0], item[1]))]
 
 
 # --- pictures ----------------------------------------------------------------------------------
@@ -309,10 +299,10 @@ def _page(s: Mapping[str, Any]) -> str:
 # --- writing ---------------------------------------------------------------------------------
 
 
-def _previews(ledger: Ledger, chosen: list[dict], role: str) -> dict[tuple[str, str, bool], bytes]:
-    """The preview PNGs of `chosen` rows, read from their parts."""
+def _previews(ledger: Ledger, data_files: Mapping[str, str], chosen: list[dict],
+              role: str) -> dict[tuple[str, str, bool], bytes]:
+    """The preview PNGs of `chosen` rows, read from their parts (shard name -> data file)."""
     out: dict[tuple[str, str, bool], bytes] = {}
-    data_files = {r.name: r.data_file for r in ledger.job_records()}
     for shard in sorted({row["shard"] for row in chosen}):
         with ledger.fs.open(join(ledger.root, data_files[shard]), "rb") as f:
             table = pq.ParquetFile(f).read(columns=["key", "flipped", "role", "preview"])
@@ -325,8 +315,6 @@ def _previews(ledger: Ledger, chosen: list[dict], role: str) -> dict[tuple[str, 
 def write_report(cfg: AuditConfig, plan: JobPlan, ledger: Ledger) -> dict[str, Any]:
     """Write metrics.parquet, summary.json, images/ and report.html from the committed parts; returns
     the headline figures (mean PSNR, the report's URL, ...) for the job summary."""
-    from pipeline.jobs.audit import METRIC_COLUMNS, PART_SCHEMA
-
     fs, root = ledger.fs, ledger.root
     tmp = join(root, CURRENT.tmp)
     records = ledger.job_records()
@@ -361,7 +349,7 @@ def write_report(cfg: AuditConfig, plan: JobPlan, ledger: Ledger) -> dict[str, A
             not_scored[e.stage] = not_scored.get(e.stage, 0) + 1
     missing = [e for e in errors if e.stage == "missing"]
     errors_known = all(s.get("latents") for s in plan.worker_args["shards"].values())
-    worst, random_pick = _sorted(totals.worst), sorted(_sorted(totals.random), key=lambda r: r["pick"])
+    worst, random_pick = totals.worst.items(), totals.random.items()
     identity, provenance = plan.identity, plan.provenance
     summary: dict[str, Any] = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -390,7 +378,7 @@ def write_report(cfg: AuditConfig, plan: JobPlan, ledger: Ledger) -> dict[str, A
     images = {"images/quality.png": _quality_plot(psnr, ssim, cfg.fail_under_psnr),
               "images/latents.png": _latent_plot(channel_mean, channel_std, stds)}
     for role, chosen in (("worst", worst), ("random", random_pick)):
-        found = _previews(ledger, chosen, role)
+        found = _previews(ledger, {r.name: r.data_file for r in records}, chosen, role)
         for i, row in enumerate(chosen):
             images[f"images/{role}-{i:03d}.png"] = found[(row["shard"], row["key"], row["flipped"])]
     for rel, data in images.items():

@@ -161,3 +161,14 @@ def test_reopening_a_job_removes_the_outputs_its_manifest_lists_and_nothing_else
     Ledger(str(tmp_path)).open_job(manifest(), overwrite=False)  # a resume: the old report is stale
     assert not (tmp_path / "report.html").exists() and not (tmp_path / "images" / "worst-000.png").exists()
     assert (tmp_path / "notes.html").read_text() == "mine" and (tmp_path.parent / "x").read_text() == "outside"
+
+
+def test_lowest_k_keeps_the_k_lowest_ranks_earliest_first_among_ties_and_builds_only_those():
+    from pipeline.jobs.audit import LowestK
+
+    built = []
+    kept = LowestK(3)
+    for i, rank in enumerate([5.0, 1.0, 3.0, 1.0, 9.0, 0.5, 3.0]):
+        kept.offer(rank, lambda i=i: built.append(i) or i)
+    assert kept.items() == [5, 1, 3]  # ranks 0.5, 1.0 (the first of the two), 1.0
+    assert 4 not in built and 6 not in built  # never kept, so never built

@@ -17,8 +17,8 @@ import heapq
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Hashable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -34,7 +34,7 @@ from pipeline.core.layout import METADATA_KEY
 from pipeline.core.ledger import Ledger, LedgerError
 from pipeline.core.scheduler import ShardTask
 from pipeline.core.sink import ShardSink
-from pipeline.io.latent_reader import is_shard_file, read_latents, shard_keys, shard_urls
+from pipeline.io.latent_reader import is_shard_file, read_latents, shard_keys
 from pipeline.io.shards import check_unique_names, expand_inputs
 from pipeline.io.tar_reader import ShardReadError, iter_shard
 from pipeline.jobs.decode import (check_latent_shard, latent_shard_inputs, plan_latents_vae, vae_worker_args)
@@ -76,6 +76,30 @@ def sample_rows(counts: Mapping[str, int], n: int, seed: int) -> dict[str, list[
         lo, hi = np.searchsorted(picked, [starts[i], starts[i + 1]])
         out[name] = (picked[lo:hi] - starts[i]).tolist()
     return out
+
+
+class LowestK:
+    """The `k` items of lowest rank seen so far, memory bounded by k; ties keep the earlier item.
+    `make` builds the item only when it is kept (a preview costs a PNG's worth of work)."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self._heap: list[tuple[float, int, Any]] = []  # (-rank, -order, item): heap[0] is the one to drop
+        self._n = 0
+
+    def offer(self, rank: float, make: Callable[[], Any]) -> None:
+        self._n += 1
+        if len(self._heap) >= self.k and -self._heap[0][0] <= rank:
+            return
+        entry = (-rank, -self._n, make())
+        if len(self._heap) >= self.k:
+            heapq.heapreplace(self._heap, entry)
+        else:
+            heapq.heappush(self._heap, entry)
+
+    def items(self) -> list[Any]:
+        """The kept items, lowest rank first (earlier first among equals)."""
+        return [item for _, _, item in sorted(self._heap, key=lambda e: (-e[0], -e[1]))]
 
 
 # --- items between the stages ------------------------------------------------------------------
@@ -144,7 +168,7 @@ class SourceStream:
         self.url = url
         self.seen: set[str] = set()
         self._wanted = wanted
-        self._held: dict[str, RawSample] = {}
+        self._held: dict[str, tuple[RawSample, int]] = {}
         self._held_bytes = 0
         self._items = iter_shard(url, storage_options)
         self._done = False
@@ -161,8 +185,9 @@ class SourceStream:
         key = item.get("__key__", "")
         self.seen.add(key)
         if hold and key in self._wanted:
-            self._held[key] = item
-            self._held_bytes += sum(len(v) for v in item.values() if isinstance(v, bytes))
+            size = sum(len(v) for v in item.values() if isinstance(v, bytes))
+            self._held[key] = (item, size)
+            self._held_bytes += size
             if self._held_bytes > MAX_HELD_BYTES:
                 raise ShardReadError(self.url, RuntimeError(
                     f"over {MAX_HELD_BYTES >> 20} MiB of samples read ahead without finding the next latent's "
@@ -173,9 +198,8 @@ class SourceStream:
     def find(self, key: str) -> RawSample | None:
         while key not in self._held and not self._done:
             self._advance(hold=True)
-        sample = self._held.pop(key, None)
-        if sample is not None:
-            self._held_bytes -= sum(len(v) for v in sample.values() if isinstance(v, bytes))
+        sample, size = self._held.pop(key, (None, 0))
+        self._held_bytes -= size
         return sample
 
     def drain(self) -> None:
@@ -351,13 +375,15 @@ PART_SCHEMA = pa.schema([
 METRIC_COLUMNS = [f.name for f in PART_SCHEMA if f.name not in ("role", "preview", "pick")]
 
 
-@dataclass(order=True)
-class _Candidate:
-    rank: float
-    n: int
-    key: str = field(compare=False)
-    flipped: bool = field(compare=False)
-    preview: np.ndarray = field(compare=False)
+def _preview_maker(key: str, row: AuditRow) -> Callable[[], tuple[str, bool, np.ndarray]]:
+    picture: list[tuple[str, bool, np.ndarray]] = []
+
+    def make() -> tuple[str, bool, np.ndarray]:
+        if not picture:  # one triptych, whether the row is kept as a worst or a random pick
+            picture.append((key, row.flipped, triptych(row.pixels, row.recon)))
+        return picture[0]
+
+    return make
 
 
 class AuditPartWriter(ShardSink):
@@ -370,12 +396,10 @@ class AuditPartWriter(ShardSink):
                  storage_options: Mapping[str, Any] | None = None) -> None:
         super().__init__(output_url, name, storage_options=storage_options, data_dir=PARTS_DIR)
         self._schema = PART_SCHEMA.with_metadata({METADATA_KEY: json.dumps(dict(metadata), sort_keys=True)})
-        self._k = worst
         self._seed = seed
         self._rows: list[dict[str, Any]] = []
-        self._worst: list[_Candidate] = []
-        self._random: list[_Candidate] = []
-        self._n = 0
+        self._worst = LowestK(worst)
+        self._random = LowestK(worst)
         self._pq: pq.ParquetWriter | None = None
 
     def _writer(self) -> pq.ParquetWriter:
@@ -387,17 +411,6 @@ class AuditPartWriter(ShardSink):
         if self._rows:
             self._writer().write_table(pa.Table.from_pylist(self._rows, schema=self._schema))
             self._rows = []
-
-    def _keep(self, heap: list[_Candidate], rank: float, key: str, row: AuditRow) -> None:
-        """Keep the `k` candidates of lowest rank; heapq is a min-heap, so ranks are stored negated."""
-        if len(heap) >= self._k and -heap[0].rank <= rank:
-            return
-        self._n += 1
-        item = _Candidate(-rank, self._n, key, row.flipped, triptych(row.pixels, row.recon))
-        if len(heap) >= self._k:
-            heapq.heapreplace(heap, item)
-        else:
-            heapq.heappush(heap, item)
 
     def _write(self, record: AuditRecord) -> None:
         for row in record.rows:
@@ -412,28 +425,30 @@ class AuditPartWriter(ShardSink):
                 "width": int(row.pixels.shape[1]), "latent_mean": row.latent_mean.astype(np.float32).tolist(),
                 "latent_std": row.latent_std.astype(np.float32).tolist(), "pick": pick, "role": "metrics",
                 "preview": None})
+            preview = _preview_maker(record.key, row)
             # Unscored latents (non-finite) rank below every scored one: they are the worst there is.
-            self._keep(self._worst, -np.inf if s is None else s.psnr, record.key, row)
-            self._keep(self._random, pick, record.key, row)
+            self._worst.offer(-np.inf if s is None else s.psnr, preview)
+            self._random.offer(pick, preview)
         if len(self._rows) >= _ROWS_PER_GROUP:
             self._flush()
 
     def _finish(self) -> None:
         self._flush()
         previews = []
-        for role, heap in (("worst", self._worst), ("random", self._random)):
-            for c in heap:
-                previews.append({"key": c.key, "flipped": c.flipped, "shard": self.name, "source": "",
+        for role, kept in (("worst", self._worst), ("random", self._random)):
+            for key, flipped, picture in kept.items():
+                previews.append({"key": key, "flipped": flipped, "shard": self.name, "source": "",
                                  "saturated": False, "latent_non_finite": False, "output_non_finite": False,
-                                 "height": int(c.preview.shape[0]), "width": int(c.preview.shape[1]),
+                                 "height": int(picture.shape[0]), "width": int(picture.shape[1]),
                                  "latent_mean": [], "latent_std": [], "pick": 0.0, "role": role,
-                                 "preview": png_bytes(c.preview)})
+                                 "preview": png_bytes(picture)})
         if previews:
             self._writer().write_table(pa.Table.from_pylist(previews, schema=self._schema))
         self._writer().close()
 
     def _release(self) -> None:
-        self._rows, self._worst, self._random = [], [], []
+        self._rows = []
+        self._worst, self._random = LowestK(self._worst.k), LowestK(self._random.k)
         if self._pq is not None and self._state == "aborted":
             writer, self._pq = self._pq, None
             try:
@@ -476,18 +491,15 @@ class AuditJob(JobKind):
         """Latent shard name -> source shard URL, and -> the latents' output folder (for its errors)."""
         folders: dict[str, str] = {}
         planned: dict[str, str] = {}
-        by_url = {url: name for name, url in inputs.items()}
         for pattern in cfg.input:
             if is_shard_file(pattern) or any(c in pattern for c in "*?[{"):
                 continue
             manifest = Ledger(pattern, cfg.storage_options).read_manifest()
-            if manifest is None:
-                continue
-            for url in shard_urls(pattern, cfg.storage_options):
-                name = by_url.get(url)
-                if name is not None:
-                    folders[name] = pattern
-                    planned[name] = manifest["shards"][name]
+            # Input names are unique (inputs() refuses two URLs of one name), so a name the folder's
+            # manifest holds is that folder's shard.
+            for name in set(inputs) & set((manifest or {}).get("shards", {})):
+                folders[name] = pattern
+                planned[name] = manifest["shards"][name]
         if cfg.source:
             planned = check_unique_names(expand_inputs(cfg.source, cfg.storage_options))
         missing = sorted(set(inputs) - set(planned))
@@ -543,9 +555,8 @@ class AuditJob(JobKind):
         return None
 
     def describe_summary(self, counters: Mapping[str, int]) -> str:
-        parts = [f"{counters.get('scored', 0)} latent(s) scored"]
-        return ", ".join(parts)
+        return f"{counters.get('scored', 0)} latent(s) scored"
 
 
-__all__ = ["AuditJob", "AuditWorker", "AuditPartWriter", "SourceStream", "sample_rows", "pick_value",
+__all__ = ["AuditJob", "AuditWorker", "AuditPartWriter", "LowestK", "SourceStream", "sample_rows", "pick_value",
            "PART_SCHEMA", "METRIC_COLUMNS", "PARTS_DIR"]
