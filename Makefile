@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.latentcache-installed
 
-.PHONY: setup setup-browser demo demo-vae test test-fast bench bench-pipeline bench-memory clean
+.PHONY: setup setup-browser demo demo-vae test test-fast test-chaos bench bench-pipeline bench-memory clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,10 @@ test: setup setup-browser
 
 test-fast: setup setup-browser
 	$(PY) -m pytest -q -m "not slow"
+
+# The long fault-injection runs (actor kills, node loss, driver kills, object-store faults); RELIABILITY.md.
+test-chaos: setup
+	$(PY) -m pytest -q -m chaos
 
 bench: setup
 	$(PY) bench/bench_codec.py
