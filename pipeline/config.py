@@ -117,6 +117,9 @@ class RetryConfig:
     backoff_max_s: float = 60.0
     shard_timeout_s: float = 3600.0
     actor_start_timeout_s: float = 900.0
+    # A task lost before it started (its actor was dead or restarting) costs no attempt, up to this
+    # many times per shard: past it, something keeps killing actors and the shard is charged.
+    max_unstarted: int = 20
 
     def __post_init__(self) -> None:
         _check(self.max_attempts >= 1, f"retry.max_attempts={self.max_attempts} must be >= 1")
@@ -124,6 +127,7 @@ class RetryConfig:
                f"retry.backoff_s={self.backoff_s} and backoff_max_s={self.backoff_max_s} "
                "must satisfy 0 <= backoff_s <= backoff_max_s")
         _check(self.shard_timeout_s > 0, f"retry.shard_timeout_s={self.shard_timeout_s} must be positive")
+        _check(self.max_unstarted >= 0, f"retry.max_unstarted={self.max_unstarted} must be >= 0")
         _check(self.actor_start_timeout_s > 0,
                f"retry.actor_start_timeout_s={self.actor_start_timeout_s} must be positive")
 

@@ -94,3 +94,15 @@ def test_error_rate_counts_the_whole_job_not_this_run():
     fine = Scheduler({}, retry, max_error_rate=0.05, min_samples_for_error_rate=10, committed_read=100,
                      committed_errored=5)
     assert fine.error_rate_exceeded() is None
+
+
+def test_a_task_lost_before_it_started_is_requeued_free_up_to_a_limit():
+    sched = Scheduler({"a": "u/a", "b": "u/b"}, RetryConfig(max_attempts=1, max_unstarted=2))
+    for _ in range(2):
+        assert sched.next_task(0.0).name == "a"
+        assert sched.lost_unstarted("a")  # at the front again, still attempt 1
+    again = sched.next_task(0.0)
+    assert (again.name, again.attempt) == ("a", 1) and sched.attempts_failed == 0
+    assert not sched.lost_unstarted("a"), "past max_unstarted the caller charges it"
+    assert sched.failed_attempt("a", "actor died", 0.0) is None
+    assert "failed 1 time(s)" in sched.failed["a"] and sched.attempts_failed == 1

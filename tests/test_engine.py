@@ -130,3 +130,105 @@ def test_an_actor_with_another_model_stops_the_job():
     runner._check_actor(get_kind("encode"), job, {"identity": {"vae_fingerprint": "aaa", "preset": "sd15"}})
     with pytest.raises(JobError, match="vae_fingerprint: plan has aaa, actor has bbb"):
         runner._check_actor(get_kind("encode"), job, {"identity": {"vae_fingerprint": "bbb", "preset": "sd15"}})
+
+
+def _slow_actor_class():
+    import os
+    import time
+
+    import ray
+
+    from pipeline.core.pool import TaskStarted
+    from pipeline.core.scheduler import ShardResult
+
+    class Slow:
+        def __init__(self) -> None:
+            time.sleep(0.5)  # a model loading: the actor is unavailable for a while after a restart
+
+        def describe(self) -> dict:
+            return {"identity": {}, "summary": "slow", "pid": os.getpid()}
+
+        def process(self, task):
+            yield TaskStarted(pid=os.getpid())
+            time.sleep(float(task.url))
+            yield ShardResult(task.name, 1, 1, 0, 1, 0.0, task.attempt)
+
+    return ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=2)(Slow)
+
+
+def _drain(pool: ActorPool, n: int, timeout_s: float = 60) -> list:
+    import time
+
+    outcomes: list = []
+    deadline = time.monotonic() + timeout_s
+    while len(outcomes) < n and time.monotonic() < deadline:
+        pool.poll_starting()
+        outcomes += pool.wait(timeout=0.5)
+    assert len(outcomes) == n, f"only {len(outcomes)} of {n} tasks finished"
+    return outcomes
+
+
+def test_pool_tells_tasks_an_actor_began_from_tasks_lost_before_they_started(ray_cluster):
+    """Issue 8, defect 1: a task sent to an actor that is dead or restarting never ran; the pool
+    says so (`started=False`), waits for the restarted actor, and sends it work again."""
+    import time
+
+    from pipeline.core.scheduler import ShardTask
+    from tests.actors import sigkill
+
+    cls = _slow_actor_class()
+    pool = ActorPool(lambda: cls.remote(), size=1, slots=2, startup_timeout_s=60)
+    try:
+        (info,) = pool.start()
+        pool.submit(ShardTask("running", "30"), "process", time.monotonic())
+        deadline = time.monotonic() + 30
+        while not any(f.started_at for f in pool._inflight.values()) and time.monotonic() < deadline:
+            assert pool.wait(timeout=0.2) == []
+        assert sigkill([info["pid"]]) == 1
+        pool.submit(ShardTask("sent-to-the-dead", "0"), "process", time.monotonic())
+        outcomes = {o.task.name: o for o in _drain(pool, 2)}
+        assert outcomes["running"].error is not None and outcomes["running"].started
+        assert outcomes["sent-to-the-dead"].error is not None and not outcomes["sent-to-the-dead"].started
+        assert pool.restarts == 1 and pool.free_slots() == 0, "no work goes to an actor that is restarting"
+        deadline = time.monotonic() + 60
+        while pool.free_slots() == 0 and time.monotonic() < deadline:
+            pool.poll_starting(timeout=0.5)
+        assert pool.free_slots() == 2 and pool.infos[-1]["pid"] != info["pid"], "the restarted actor rejoins"
+        pool.submit(ShardTask("after", "0"), "process", time.monotonic())
+        (after,) = _drain(pool, 1)
+        assert after.error is None and after.result.name == "after"
+    finally:
+        pool.shutdown()
+
+
+def test_actor_deaths_between_tasks_cost_no_attempt(ray_cluster, tmp_path):
+    """Issue 8, defect 1, on a real job: the actor is SIGKILLed each time a shard commits, so the
+    next shards are sent to an actor that is restarting. Only tasks that began are attempts: with
+    two attempts allowed, every shard still commits, none charged more than the one kill it saw."""
+    from pipeline.core.ledger import Ledger
+    from pipeline.io.latent_reader import read_latents
+    from tests.actors import own_actor_pids, sigkill
+
+    for s in range(6):
+        samples = [{"__key__": f"s{s}/{i}", "jpg": imagedata.encode(imagedata.photo(max_side=64), "JPEG")}
+                   for i in range(2)]
+        imagedata.write_tar_shard(str(tmp_path / "in" / f"part-{s:04d}.tar"), samples)
+    out = str(tmp_path / "out")
+    cfg = EncodeConfig(input=(str(tmp_path / "in"),), output=out, actors=1,
+                       vae=VAEConfig(source="random:tiny", dtype="float32"), preprocess=PreprocessConfig(resolution=64),
+                       retry=RetryConfig(max_attempts=2, backoff_s=0.05, backoff_max_s=0.1))
+    kills = []
+
+    def kill_the_actor(result) -> None:
+        if sum(kills) < 3:  # a restarting actor may have no process to kill yet
+            kills.append(sigkill(own_actor_pids("JobActor")))
+
+    summary = run_job("encode", cfg, progress=False, on_result=kill_the_actor)
+    assert sum(kills) >= 2 and summary.actor_restarts >= 2
+    assert summary.processed_shards == 6 and summary.samples_written == 12
+    assert summary.lost_unstarted >= 1, "some shard must have been sent to a restarting actor"
+    records = Ledger(out).job_records()
+    # A shard running when its actor was killed is charged that one try, no more.
+    assert summary.attempts_failed <= sum(kills) * 2 and max(r.attempt for r in records) <= 2
+    keys = [k for k, _, _ in read_latents(out)]
+    assert sorted(keys) == sorted(f"s{s}/{i}" for s in range(6) for i in range(2))

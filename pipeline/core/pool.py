@@ -4,9 +4,13 @@
   they become ready. None ready in time is an error that names what the actors asked for.
 - An actor whose constructor fails (weights unreadable, out of memory) is replaced, up to a budget;
   when every try failed, start-up fails with the constructor's own error.
-- Tasks go to the least-loaded ready actor, `slots` at a time per actor.
-- A task past its timeout has its actor killed (Ray restarts it); the actor's other tasks are
-  marked collateral, so the runner requeues them without charging an attempt.
+- Tasks go to the least-loaded ready actor, `slots` at a time per actor. Each task is a Ray
+  streaming generator whose first item is `TaskStarted`: the driver knows which tasks an actor
+  really began, so a task lost to an actor that was dead or restarting is not an attempt.
+- An actor that dies (SIGKILL, OOM, node loss) is restarted by Ray; the pool stops sending it
+  work until it answers `describe()` again (its model reloaded), then it rejoins.
+- A task past its timeout (counted from its start) has its actor killed (Ray restarts it); the
+  actor's other tasks are marked collateral, so the runner requeues them without charging an attempt.
 """
 
 from __future__ import annotations
@@ -39,26 +43,49 @@ def error_message(e: BaseException) -> str:
     return f"{type(e).__name__}: {line}"[:1000]
 
 
+# How often an actor that died is asked whether Ray has restarted it.
+PROBE_INTERVAL_S = 0.5
+
+
+@dataclass(frozen=True)
+class TaskStarted:
+    """The first item a task yields: the actor began it (its process and node, for the log)."""
+
+    pid: int
+    node: str = ""
+
+
 @dataclass
 class _Actor:
     handle: Any
     number: int
-    spawned_at: float
+    waiting_since: float  # spawned, or died and not yet back
     ready: bool = False
     load: int = 0
     killed_at: float = -1.0
     describe_ref: Any = None
+    probe_at: float = 0.0
+
+
+@dataclass
+class _Flight:
+    task: ShardTask
+    actor: _Actor
+    submitted: float
+    started_at: float | None = None
 
 
 @dataclass
 class Outcome:
-    """One finished task: its result, or its error (collateral: it died because another task's
-    timeout killed its actor)."""
+    """One finished task: its result, or its error. `started`: the actor began it (else it was lost
+    to an actor that was dead or restarting); `collateral`: it died because another task's timeout
+    killed its actor."""
 
     task: ShardTask
     result: ShardResult | None = None
     error: BaseException | None = None
     collateral: bool = False
+    started: bool = True
 
 
 @dataclass
@@ -72,7 +99,8 @@ class ActorPool:
     max_start_failures: int = 3
     actors: list[_Actor] = field(default_factory=list)
     infos: list[dict[str, Any]] = field(default_factory=list)
-    _inflight: dict[Any, tuple[ShardTask, _Actor, float]] = field(default_factory=dict)
+    restarts: int = 0  # actor deaths seen (each one restarted by Ray)
+    _inflight: dict[Any, _Flight] = field(default_factory=dict)
     _collateral: set[Any] = field(default_factory=set)
     _start_failures: int = 0
     _last_start_error: str = ""
@@ -87,6 +115,15 @@ class ActorPool:
         actor.describe_ref = handle.describe.remote()
         self.actors.append(actor)
 
+    def _went_down(self, actor: _Actor, now: float) -> None:
+        """An actor died: no work goes to it until it answers `describe()` again."""
+        if actor.ready:
+            actor.ready = False
+            actor.waiting_since = now
+            actor.probe_at = now + PROBE_INTERVAL_S
+            self.restarts += 1
+            log.warning("actor %d died; waiting for Ray to restart it", actor.number)
+
     def start(self) -> list[dict[str, Any]]:
         """Start `size` actors and wait until at least one is ready; returns the ready ones' `describe()`."""
         for _ in range(self.size):
@@ -96,18 +133,30 @@ class ActorPool:
         return self.infos
 
     def poll_starting(self, timeout: float = 0.0) -> list[dict[str, Any]]:
-        """Check actors still starting; returns the `describe()` of those that became ready."""
+        """Check actors starting (or restarting); returns the `describe()` of those that became ready."""
         import ray
-        from ray.exceptions import RayError
+        from ray.exceptions import RayActorError, RayError
 
-        pending = {a.describe_ref: a for a in self.actors if not a.ready and a.describe_ref is not None}
-        if not pending:
+        now = time.monotonic()
+        for actor in self.actors:
+            if not actor.ready and actor.describe_ref is None and actor.probe_at <= now:
+                actor.describe_ref = actor.handle.describe.remote()
+        waiting = [a for a in self.actors if not a.ready]
+        if not waiting:
             return []
         if not any(a.ready for a in self.actors) and \
-                min(a.spawned_at for a in pending.values()) + self.startup_timeout_s < time.monotonic():
-            # Replacements too: a job whose every actor is gone and cannot be placed again must stop.
+                min(a.waiting_since for a in waiting) + self.startup_timeout_s < now:
+            # Replacements and restarts too: a job whose every actor is gone and cannot be placed again must stop.
             raise PoolStartError(f"no actor was ready within {self.startup_timeout_s:.0f} s; the cluster may lack "
                                  "the resources they ask for (a GPU each where GPUs are used)")
+        for actor in waiting:
+            if actor.waiting_since + self.startup_timeout_s < now and actor in self.actors:
+                self._start_failed(actor, f"actor {actor.number} was not ready within {self.startup_timeout_s:.0f} s")
+        pending = {a.describe_ref: a for a in self.actors if not a.ready and a.describe_ref is not None}
+        if not pending:
+            if timeout:
+                time.sleep(min(timeout, PROBE_INTERVAL_S))
+            return []
         done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=timeout)
         fresh = []
         for ref in done:
@@ -115,8 +164,11 @@ class ActorPool:
             actor.describe_ref = None
             try:
                 info = ray.get(ref)
-            except RayError as e:  # the constructor failed: weights missing or unreadable, OOM
-                self._start_failed(actor, error_message(e))
+            except RayError as e:
+                if isinstance(e, RayActorError) and not e.actor_init_failed:
+                    actor.probe_at = time.monotonic() + PROBE_INTERVAL_S  # restarting: ask again shortly
+                    continue
+                self._start_failed(actor, error_message(e))  # the constructor failed: weights unreadable, OOM
                 continue
             actor.ready = True
             self.infos.append(info)
@@ -147,47 +199,79 @@ class ActorPool:
         return sum(self.slots - a.load for a in self.actors if a.ready)
 
     def submit(self, task: ShardTask, method: str, now: float) -> None:
-        """Send `task` to the least-loaded ready actor (the caller checks `free_slots()` first)."""
+        """Send `task` to the least-loaded ready actor (the caller checks `free_slots()` first).
+        `method` is a generator method that yields `TaskStarted` and then the result."""
         actor = min((a for a in self.actors if a.ready and a.load < self.slots), key=lambda a: a.load)
-        ref = getattr(actor.handle, method).remote(task)
+        gen = getattr(actor.handle, method).options(num_returns="streaming").remote(task)
         actor.load += 1
-        self._inflight[ref] = (task, actor, now)
+        self._inflight[gen] = _Flight(task, actor, now)
 
     def wait(self, timeout: float) -> list[Outcome]:
-        """Tasks that finished within `timeout` seconds."""
+        """Tasks that finished within `timeout` seconds (noting, on the way, those that started)."""
         import ray
-        from ray.exceptions import RayActorError, RayError
 
         if not self._inflight:
             return []
         ready, _ = ray.wait(list(self._inflight), num_returns=1, timeout=timeout)
+        if ready:
+            ready, _ = ray.wait(list(self._inflight), num_returns=len(self._inflight), timeout=0)
         outcomes = []
-        for ref in ready:
-            task, actor, _ = self._inflight.pop(ref)
-            actor.load -= 1
-            collateral = ref in self._collateral
-            self._collateral.discard(ref)
-            try:
-                outcomes.append(Outcome(task, result=ray.get(ref)))
-            except RayError as e:  # task error, actor/worker/node death, lost objects
-                outcomes.append(Outcome(task, error=e, collateral=collateral))
-                if isinstance(e, RayActorError) and e.actor_init_failed and actor in self.actors:
+        for gen in ready:
+            outcome = self._next_item(gen)
+            if outcome is not None:
+                outcomes.append(outcome)
+        return outcomes
+
+    def _next_item(self, gen: Any) -> Outcome | None:
+        import ray
+        from ray.exceptions import RayActorError, RayError
+
+        flight = self._inflight[gen]
+        try:
+            item = ray.get(next(gen))
+        except StopIteration:
+            item = None
+        except RayError as e:  # task error, actor/worker/node death, lost objects
+            self._land(gen)
+            actor = flight.actor
+            if isinstance(e, RayActorError):
+                if e.actor_init_failed and actor in self.actors:
                     # Ray restarted the actor and its constructor failed: it is dead for good.
                     actor.ready = False
                     self._start_failed(actor, error_message(e))
-        return outcomes
+                elif actor in self.actors:
+                    self._went_down(actor, time.monotonic())
+            return Outcome(flight.task, error=e, collateral=gen in self._collateral,
+                           started=flight.started_at is not None)
+        if isinstance(item, TaskStarted):
+            flight.started_at = time.monotonic()
+            return None
+        self._land(gen)
+        if not isinstance(item, ShardResult):
+            return Outcome(flight.task, error=RuntimeError(f"task {flight.task.name} ended without a result "
+                                                           f"(got {type(item).__name__})"))
+        return Outcome(flight.task, result=item)
+
+    def _land(self, gen: Any) -> None:
+        flight = self._inflight.pop(gen)
+        flight.actor.load -= 1
+        self._collateral.discard(gen)
 
     def kill_timed_out(self, now: float, timeout_s: float) -> list[ShardTask]:
-        """Kill the actor of every task running longer than `timeout_s` (Ray restarts it)."""
+        """Kill the actor of every task running longer than `timeout_s` since it started (Ray
+        restarts it); a task that has not started counts from when it was sent."""
         import ray
 
         timed_out = []
-        for ref, (task, actor, submitted) in list(self._inflight.items()):
-            if now - submitted > timeout_s and submitted > actor.killed_at:
-                timed_out.append(task)
+        for gen, flight in list(self._inflight.items()):
+            actor = flight.actor
+            began = flight.started_at if flight.started_at is not None else flight.submitted
+            if now - began > timeout_s and flight.submitted > actor.killed_at:
+                timed_out.append(flight.task)
                 actor.killed_at = now
-                self._collateral.update(r for r, (_, a, _) in self._inflight.items() if a is actor and r is not ref)
+                self._collateral.update(g for g, f in self._inflight.items() if f.actor is actor and g is not gen)
                 ray.kill(actor.handle, no_restart=False)
+                self._went_down(actor, now)
         return timed_out
 
     def shutdown(self) -> None:
@@ -199,4 +283,4 @@ class ActorPool:
         self._inflight.clear()
 
 
-__all__ = ["ActorPool", "Outcome", "PoolStartError", "error_message"]
+__all__ = ["ActorPool", "Outcome", "PoolStartError", "TaskStarted", "error_message"]

@@ -58,6 +58,9 @@ class JobSummary:
     random_weights: bool
     counters: Mapping[str, int] = field(default_factory=dict)
     result: Mapping[str, Any] = field(default_factory=dict)  # the job kind's `finish` facts
+    attempts_failed: int = 0  # tries charged to a shard that failed (and were retried or given up)
+    lost_unstarted: int = 0  # tasks lost to a dead actor before they began (requeued free)
+    actor_restarts: int = 0  # actor deaths seen (Ray restarted each)
 
     @property
     def images_per_second(self) -> float:
@@ -241,7 +244,9 @@ def run_job(kind: JobKind | str, cfg: RunConfig, *, ray_address: str | None = No
             kind=kind.name, output=ledger.url, total_shards=len(job.inputs), skipped_shards=len(committed),
             processed_shards=len(sched.done), samples_read=read, samples_written=written,
             samples_errored=errored, counters=sched.counters(), seconds=now - t0,
-            steady_seconds=now - t_ready, random_weights=random_weights, result=result)
+            steady_seconds=now - t_ready, random_weights=random_weights, result=result,
+            attempts_failed=sched.attempts_failed, lost_unstarted=sum(sched.unstarted.values()),
+            actor_restarts=pool.restarts if pool is not None else 0)
         ledger.write_success({"this_run": summary.to_dict()})
         return summary
     finally:
@@ -282,8 +287,13 @@ def _run_loop(kind: JobKind, cfg: RunConfig, job: JobPlan, pool: ActorPool, sche
                         on_result(outcome.result)
                 elif outcome.collateral:
                     sched.requeue(name)  # not its fault: another shard's timeout killed the actor
+                elif not outcome.started and sched.lost_unstarted(name):
+                    # Sent to an actor that was dead or restarting, which never began it: not an attempt.
+                    log.info("shard %s was lost before it started (its actor died); requeued", name)
                 else:
                     reason = error_message(outcome.error)
+                    if not outcome.started:
+                        reason += f" (lost {sched.unstarted[name]} times before it started)"
                     permanent = isinstance(getattr(outcome.error, "cause", None), PermanentShardError)
                     at = sched.failed_attempt(name, reason, now, permanent=permanent)
                     log.warning("shard %s failed (%s); %s", name, reason[:300],

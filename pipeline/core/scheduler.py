@@ -76,6 +76,8 @@ class Scheduler:
     running: dict[str, ShardTask] = field(default_factory=dict)
     done: dict[str, ShardResult] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+    unstarted: Counter[str] = field(default_factory=Counter)  # tasks lost before they began, per shard
+    attempts_failed: int = 0  # tries charged to a shard and failed
 
     def __post_init__(self) -> None:
         self._queue = [ShardTask(name, url) for name, url in self.shards.items()]
@@ -97,6 +99,16 @@ class Scheduler:
         """Put a running shard back at the front of the queue without charging it an attempt."""
         self._queue.insert(0, self.running.pop(name))
 
+    def lost_unstarted(self, name: str) -> bool:
+        """A running shard's task was lost before its actor began it (the actor was dead or
+        restarting): requeued at the front without charging an attempt, up to `retry.max_unstarted`
+        times per shard. Returns False past that; the caller then charges it (`failed_attempt`)."""
+        self.unstarted[name] += 1
+        if self.unstarted[name] > self.retry.max_unstarted:
+            return False
+        self.requeue(name)
+        return True
+
     def succeeded(self, result: ShardResult) -> None:
         self.running.pop(result.name)
         self.done[result.name] = result
@@ -105,6 +117,7 @@ class Scheduler:
         """Record a failed try; returns the time of the retry, or None when the shard is given up
         (out of attempts, or `permanent`: a failure no retry can fix)."""
         task = self.running.pop(name)
+        self.attempts_failed += 1
         if permanent or task.attempt >= self.retry.max_attempts:
             why = "cannot succeed" if permanent else f"failed {task.attempt} time(s)"
             self.failed[name] = f"{why}; last error: {reason}"

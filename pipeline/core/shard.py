@@ -13,6 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Hashable, Iterable, Iterator, Mapping
 
 from pipeline.core.kind import JobPlan, ShardContext, ShardWorker
+from pipeline.core.pool import TaskStarted
 from pipeline.core.scheduler import ShardResult, ShardTask
 from pipeline.core.sink import InvalidRecordError, ShardSink
 from pipeline.core.ledger import Ledger, ShardRecord, identity_hash
@@ -114,6 +115,12 @@ class ShardProcessor:
                            attempt=task.attempt, counters=dict(ctx.counters))
 
 
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
 class JobActor:
     """The Ray actor of every job kind: builds the kind's worker (the model is loaded here, not
     shipped through the object store) and processes shards. Made remote by the pool."""
@@ -124,13 +131,17 @@ class JobActor:
         self._worker = get_kind(kind).worker(cfg, plan)
         self._processor = ShardProcessor(self._worker, output=cfg.output, identity=plan.identity,
                                          storage_options=cfg.storage_options)
+        self._node = _node_id()
         log.info("actor %d ready for %s", os.getpid(), kind)
 
     def describe(self) -> dict[str, Any]:
         return self._worker.describe()
 
-    def process(self, task: ShardTask) -> ShardResult:
-        return self._processor.process(task)
+    def process(self, task: ShardTask) -> Iterator[TaskStarted | ShardResult]:
+        """A streaming generator (the pool calls it so): first `TaskStarted`, so the driver knows
+        this task began here, then the shard's result."""
+        yield TaskStarted(pid=os.getpid(), node=self._node)
+        yield self._processor.process(task)
 
 
 __all__ = ["ShardProcessor", "JobActor", "ReconciliationError", "prepare_in_threads"]
