@@ -11,7 +11,8 @@ from . import __version__
 from .config import RunConfig, apply_overrides, from_dict, load_yaml
 
 # Flags every job kind has -> config key; a flag left unset keeps the YAML's (or the default) value.
-_RUN_FLAGS = {"input": "input", "output": "output", "actors": "actors", "overwrite": "overwrite"}
+_RUN_FLAGS = {"input": "input", "output": "output", "actors": "actors", "overwrite": "overwrite",
+              "break_lock": "break_lock"}
 
 
 def config_from_args(kind: Any, args: argparse.Namespace) -> RunConfig:
@@ -35,6 +36,8 @@ def _add_run_flags(p: argparse.ArgumentParser, kind: Any) -> None:
     p.add_argument("--actors", type=int, help="number of actors (default: one per GPU, else 1 on CPU)")
     p.add_argument("--overwrite", action="store_const", const=True,
                    help="replace an output made by another job (another VAE, preprocessing, format)")
+    p.add_argument("--break-lock", action="store_const", const=True,
+                   help="take over the output's lock from a driver that is gone but whose heartbeat is still fresh")
     p.add_argument("--config", help=f"YAML file whose keys are {kind.config_type.__name__}'s fields")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override any config field, e.g. retry.max_attempts=5 (repeatable)")
@@ -68,6 +71,25 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    import json
+
+    from .io.shards import DuplicateShardNameError, ShardListingError
+    from .verify import NoJobError, format_report, verify_output
+
+    if args.workers < 1:
+        print(f"latentcache: verify: --workers {args.workers}: expected at least 1", file=sys.stderr)
+        return 2
+    try:
+        report = verify_output(args.url, source=args.source, checksums=args.checksums, workers=args.workers)
+    except (NoJobError, ShardListingError, DuplicateShardNameError) as e:
+        # Nothing to verify against, or a --source that lists nothing: a usage error.
+        print(f"latentcache: verify: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report.to_dict(), indent=1) if args.json else format_report(report))
+    return 0 if report.ok else 1
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -97,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("output", help="the job's output folder (local path or URL)")
     st.set_defaults(func=_cmd_status)
 
+    vf = sub.add_parser("verify", help="check an output folder against its records; exit 1 on any violation")
+    vf.add_argument("url", help="the job's output folder (local path or URL)")
+    vf.add_argument("--source", nargs="+", metavar="URLS",
+                    help="input shards whose every key must be written or recorded as an error")
+    vf.add_argument("--checksums", action="store_true", help="also compare each data file's sha256 (reads it all)")
+    vf.add_argument("--json", action="store_true", help="print the report as JSON")
+    vf.add_argument("--workers", type=int, default=8, help="shards checked at once (default: 8)")
+    vf.set_defaults(func=_cmd_verify)
+
     demo = sub.add_parser("demo", help="build shards from bundled real photos, encode them on a local Ray, "
                                        "decode them back, and audit the round trip (report.html)")
     demo.add_argument("--workdir", default="latentcache-demo", help="folder for the demo's shards and outputs")
@@ -123,13 +154,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .core.kind import PlanError
     from .core.runner import JobError
     from .core.ledger import LedgerError
+    from .core.lock import LockError
     from .io.tar_reader import ShardReadError
     from .io.shards import DuplicateShardNameError, ShardListingError
 
     try:
         return args.func(args)
     except (ConfigError, JobError, PlanError, LedgerError, ShardListingError, DuplicateShardNameError,
-            ShardReadError, WeightsError) as e:
+            ShardReadError, WeightsError, LockError) as e:
         # Errors about the user's inputs: the message names the thing; a traceback adds nothing.
         print(f"latentcache: error: {e}", file=sys.stderr)
         return 1

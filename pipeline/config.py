@@ -48,6 +48,9 @@ class PreprocessConfig:
     jpeg_draft: decode a JPEG at least twice the size it is resized to at a reduced DCT scale (libjpeg's
       1/2, 1/4, 1/8; never below the size the resize needs): several times less CPU per image, and
       pixels that differ slightly from a full decode. Off by default.
+    max_member_bytes: the most bytes one tar member (image, caption, any passthrough member) may
+      declare; a larger one is never read (its data is skipped in the stream) and its sample is
+      recorded as an error. Bounds what one sample holds in memory. 64 MiB by default.
     """
 
     resolution: int = 512
@@ -58,6 +61,7 @@ class PreprocessConfig:
     resample: str = "lanczos"
     max_image_pixels: int = 89_478_485
     jpeg_draft: bool = False
+    max_member_bytes: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
         _check(self.bucket_step > 0 and self.bucket_step % 8 == 0,
@@ -70,6 +74,8 @@ class PreprocessConfig:
         _one_of("preprocess.resample", self.resample, RESAMPLE_FILTERS)
         _check(self.max_image_pixels > 0,
                f"preprocess.max_image_pixels={self.max_image_pixels} must be positive")
+        _check(self.max_member_bytes > 0,
+               f"preprocess.max_member_bytes={self.max_member_bytes} must be positive")
 
 
 @dataclass(frozen=True)
@@ -151,6 +157,8 @@ class RunConfig:
     max_error_rate: float = 0.05
     min_samples_for_error_rate: int = 100
     overwrite: bool = False
+    # Take over the output's lock although its driver may still run (see pipeline/core/lock.py).
+    break_lock: bool = False
     storage_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

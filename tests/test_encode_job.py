@@ -7,6 +7,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import fsspec
@@ -282,3 +286,38 @@ def test_unloadable_weights_are_a_clear_error_before_any_actor_starts(ray_cluste
     with pytest.raises(WeightsError, match=r"cannot read weights .*vae.safetensors"):
         run_encode(cfg, progress=False)
     assert not (tmp_path / "out" / CURRENT.manifest).exists()
+
+
+@pytest.mark.slow
+def test_a_sigkilled_driver_takes_its_local_ray_and_actors_with_it(tmp_path):
+    """Issue 8, defect 8: a driver that started its own Ray is SIGKILLed mid-job; within seconds
+    none of its Ray processes is left, and no shard is committed after it died."""
+    import psutil
+
+    _local_shards(tmp_path / "in", 12, 6)
+    out = tmp_path / "out"
+    records = out / CURRENT.records
+    args = [sys.executable, "-m", "pipeline.cli", "encode", "--input", str(tmp_path / "in"), "--output", str(out),
+            "--vae", "random:tiny", "--resolution", "256", "--batch-size", "2", "--actors", "2", "--dtype",
+            "float32", "--no-progress"]
+    proc = subprocess.Popen(args, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None and not any(records.glob("*.json")):
+            time.sleep(0.05)
+        assert proc.poll() is None, "the job ended before it could be killed"
+        ray_procs = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                     if "ray" in " ".join(p.cmdline())]
+        assert any("raylet" in " ".join(p.cmdline()) for p in ray_procs), "the driver must have started its own Ray"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        killed_at = time.time()
+        gone, alive = psutil.wait_procs(ray_procs, timeout=20)
+        assert not alive, f"still running 20 s after the driver died: {[p.cmdline()[:2] for p in alive]}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    late = [p.name for p in records.glob("*.json") if p.stat().st_mtime > killed_at + 1.5]
+    assert not late, f"shards committed after the driver died: {late}"
+    assert len(list(records.glob("*.json"))) < 12

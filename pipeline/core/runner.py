@@ -21,6 +21,8 @@ from pipeline.core.pool import ActorPool, PoolStartError, error_message
 from pipeline.core.scheduler import Scheduler, ShardResult, error_rate_message, pending_shards
 from pipeline.core.shard import JobActor
 from pipeline.core.ledger import Ledger, ShardRecord, build_manifest
+from pipeline.core.lock import JobLock
+from pipeline.core.storage import output_fs
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,11 @@ def _ensure_ray(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     ray.init(address=address, include_dashboard=False, log_to_driver=True)
+    from pipeline.core.reaper import start_reaper
+
+    # A Ray this driver started must not outlive it (SIGKILL gives no chance to stop it); connected
+    # to a cluster, the driver has no Ray processes of its own and the reaper has nothing to do.
+    start_reaper()
     return True
 
 
@@ -162,7 +169,7 @@ def _finished(kind: JobKind, cfg: RunConfig, job: JobPlan, t0: float, random_wei
 
 
 def _start_pool(kind: JobKind, cfg: RunConfig, job: JobPlan, n_actors: int, resources: dict[str, float],
-                n_shards: int) -> ActorPool:
+                n_shards: int, guard: Mapping[str, Any]) -> ActorPool:
     import ray
 
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
@@ -170,7 +177,7 @@ def _start_pool(kind: JobKind, cfg: RunConfig, job: JobPlan, n_actors: int, reso
         max_concurrency=SHARDS_PER_ACTOR,
         max_restarts=-1, max_task_retries=0,  # retries are the scheduler's decision, not Ray's
         runtime_env={"env_vars": env} if env else None, **resources)
-    pool = ActorPool(lambda: remote.remote(kind.name, cfg, job), size=min(n_actors, n_shards),
+    pool = ActorPool(lambda: remote.remote(kind.name, cfg, job, dict(guard)), size=min(n_actors, n_shards),
                      slots=SHARDS_PER_ACTOR, startup_timeout_s=cfg.retry.actor_start_timeout_s)
     try:
         pool.start()
@@ -201,7 +208,6 @@ def run_job(kind: JobKind | str, cfg: RunConfig, *, ray_address: str | None = No
     t0 = time.monotonic()
     inputs = kind.inputs(cfg)  # a typo in an input fails here, before Ray starts
     started_ray = _ensure_ray(ray_address)
-    pool: ActorPool | None = None
     try:
         n_actors, resources, device = actor_resources(cfg.actors, kind.wants_gpu(cfg))
         job = kind.plan(cfg, inputs, PlanContext(device=device))
@@ -209,6 +215,26 @@ def run_job(kind: JobKind | str, cfg: RunConfig, *, ray_address: str | None = No
         finished = None if cfg.overwrite else _finished(kind, cfg, job, t0, random_weights)
         if finished is not None:
             return finished
+        lock = JobLock(*output_fs(cfg.output, cfg.storage_options), command=kind.name)
+        lock.acquire(break_lock=cfg.break_lock)  # before anything is written: one driver per folder
+        lock.start_heartbeat()
+        try:
+            return _run_locked(kind, cfg, job, lock, n_actors, resources, random_weights, t0, progress, on_result)
+        finally:
+            lock.release()
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def _run_locked(kind: JobKind, cfg: RunConfig, job: JobPlan, lock: JobLock, n_actors: int,
+                resources: dict[str, float], random_weights: bool, t0: float, progress: bool,
+                on_result: Callable[[ShardResult], None] | None) -> JobSummary:
+    """The job, once this driver holds the output's lock."""
+    pool: ActorPool | None = None
+    try:
         ledger, committed, todo = _open_output(kind, cfg, job)
         if random_weights:
             log.warning("%s job with RANDOM WEIGHTS: its output is for tests and demos only", kind.name)
@@ -218,13 +244,13 @@ def run_job(kind: JobKind | str, cfg: RunConfig, *, ray_address: str | None = No
         t_ready = time.monotonic()
         try:
             if todo:
-                pool = _start_pool(kind, cfg, job, n_actors, resources, len(todo))
+                pool = _start_pool(kind, cfg, job, n_actors, resources, len(todo), lock.guard())
                 for info in pool.infos:
                     _check_actor(kind, job, info)
                 log.info("%d actor(s) starting; first ready: %s", len(pool.actors), pool.infos[0]["summary"])
                 t_ready = time.monotonic()
                 _run_loop(kind, cfg, job, pool, sched, _Progress(len(job.inputs), len(committed), progress),
-                          on_result)
+                          on_result, lock)
             message = sched.error_rate_exceeded()
             if message:  # also when nothing was left to do: shards committed by earlier runs count
                 raise ErrorRateExceeded(f"stopping the job: {message}")
@@ -236,6 +262,7 @@ def run_job(kind: JobKind | str, cfg: RunConfig, *, ray_address: str | None = No
             ledger.write_errors_table()
             raise JobError(f"{len(sched.failed)} shard(s) failed after retries: {details}. "
                            "Run the same command again to retry them; committed shards are kept.")
+        _check_lock(lock)
         ledger.write_errors_table()
         result = kind.finish(cfg, job, ledger) or {}
         read, written, errored = sched.totals()
@@ -247,21 +274,27 @@ def run_job(kind: JobKind | str, cfg: RunConfig, *, ray_address: str | None = No
             steady_seconds=now - t_ready, random_weights=random_weights, result=result,
             attempts_failed=sched.attempts_failed, lost_unstarted=sum(sched.unstarted.values()),
             actor_restarts=pool.restarts if pool is not None else 0)
+        _check_lock(lock)
         ledger.write_success({"this_run": summary.to_dict()})
         return summary
     finally:
         if pool is not None:
             pool.shutdown()
-        if started_ray:
-            import ray
 
-            ray.shutdown()
+
+def _check_lock(lock: JobLock) -> None:
+    if lock.lost is None:
+        lock.heartbeat()  # also a fresh look: another driver may have taken the folder since the last beat
+    if lock.lost is not None:
+        raise JobError(f"{lock.lost}; stopping without writing more")
 
 
 def _run_loop(kind: JobKind, cfg: RunConfig, job: JobPlan, pool: ActorPool, sched: Scheduler,
-              bar: _Progress, on_result: Callable[[ShardResult], None] | None) -> None:
+              bar: _Progress, on_result: Callable[[ShardResult], None] | None, lock: JobLock) -> None:
     try:
         while not sched.finished:
+            if lock.lost is not None:
+                raise JobError(f"{lock.lost}; stopping without writing more")
             now = time.monotonic()
             for info in pool.poll_starting():
                 _check_actor(kind, job, info)

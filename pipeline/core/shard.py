@@ -8,11 +8,13 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import socket
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Hashable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping
 
-from pipeline.core.kind import JobPlan, ShardContext, ShardWorker
+from pipeline.core.kind import JobPlan, PermanentShardError, ShardContext, ShardWorker
 from pipeline.core.pool import TaskStarted
 from pipeline.core.scheduler import ShardResult, ShardTask
 from pipeline.core.sink import InvalidRecordError, ShardSink
@@ -54,8 +56,11 @@ class ShardProcessor:
     """Runs shards through one worker and commits them to one output folder."""
 
     def __init__(self, worker: ShardWorker, *, output: str, identity: Mapping[str, Any],
-                 storage_options: Mapping[str, Any] | None = None) -> None:
+                 storage_options: Mapping[str, Any] | None = None,
+                 before_publish: Callable[[ShardTask], None] | None = None) -> None:
         self.worker = worker
+        # Called with the shard complete and nothing published yet: raises to keep it unpublished.
+        self.before_publish = before_publish
         self.identity_hash = identity_hash(identity)
         self.ledger = Ledger(output, storage_options)
         self._pool = ThreadPoolExecutor(max_workers=worker.threads, thread_name_prefix="prepare")
@@ -104,6 +109,8 @@ class ShardProcessor:
                 raise ReconciliationError(
                     f"shard {task.name}: {read} samples read but {len(sink)} written and {len(errors)} errored; "
                     "refusing to commit a shard that loses samples")
+            if self.before_publish is not None:
+                self.before_publish(task)
             stats = sink.commit()
         seconds = time.perf_counter() - start
         record = ShardRecord.from_stats(stats, input_url=task.url, samples_read=read, errors=errors,
@@ -121,21 +128,70 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
+class DriverGoneError(PermanentShardError):
+    """The driver that owns the job is gone or no longer owns the output: nothing more is published."""
+
+
+# How often an actor on the driver's host checks that the driver still runs.
+DRIVER_CHECK_S = 1.0
+
+
 class JobActor:
     """The Ray actor of every job kind: builds the kind's worker (the model is loaded here, not
-    shipped through the object store) and processes shards. Made remote by the pool."""
+    shipped through the object store) and processes shards. Made remote by the pool.
 
-    def __init__(self, kind: str, cfg: Any, plan: JobPlan) -> None:
+    `guard` names the driver's run (pipeline.core.lock.JobLock.guard): before it publishes a
+    shard, the actor checks that this run still owns the output folder and that the folder still
+    holds this job; on the driver's host it also exits within DRIVER_CHECK_S of the driver's death
+    (Ray takes longer to reap the actors of a SIGKILLed driver, and they would go on writing).
+    """
+
+    def __init__(self, kind: str, cfg: Any, plan: JobPlan, guard: Mapping[str, Any] | None = None) -> None:
         from pipeline.jobs import get_kind
 
+        self._guard = dict(guard or {})
+        self._output = cfg.output
+        self._identity_hash = identity_hash(plan.identity)
         self._worker = get_kind(kind).worker(cfg, plan)
         self._processor = ShardProcessor(self._worker, output=cfg.output, identity=plan.identity,
-                                         storage_options=cfg.storage_options)
+                                         storage_options=cfg.storage_options,
+                                         before_publish=self._check_owner if self._guard else None)
         self._node = _node_id()
+        if self._guard.get("host") == socket.gethostname():
+            threading.Thread(target=self._watch_driver, name="latentcache-driver-watch", daemon=True).start()
         log.info("actor %d ready for %s", os.getpid(), kind)
 
+    def _driver_alive(self) -> bool:
+        from pipeline.core.lock import process_alive
+
+        if self._guard.get("host") != socket.gethostname():
+            return True  # another host: the lock's heartbeat tells (see _check_owner)
+        return process_alive(int(self._guard["pid"]), self._guard.get("pid_started"))
+
+    def _watch_driver(self) -> None:
+        while True:
+            time.sleep(DRIVER_CHECK_S)
+            if not self._driver_alive():
+                log.error("the driver (pid %s) is gone; this actor exits", self._guard.get("pid"))
+                os._exit(1)  # abandons in-flight shards, which the next run redoes; nothing half-published
+
+    def _check_owner(self, task: ShardTask) -> None:
+        from pipeline.core.lock import why_not_owner
+
+        if not self._driver_alive():
+            raise DriverGoneError(f"shard {task.name} not published: the driver (pid {self._guard.get('pid')}) is gone")
+        ledger = self._processor.ledger
+        reason = why_not_owner(ledger.fs, ledger.root, self._guard["owner"],
+                               stale_after_s=float(self._guard["stale_after_s"]))
+        if reason is None:
+            manifest = ledger.read_manifest()
+            if manifest is None or manifest.get("identity_hash") != self._identity_hash:
+                reason = "the output folder no longer holds this job (overwritten by another job)"
+        if reason is not None:
+            raise DriverGoneError(f"shard {task.name} not published to {self._output}: {reason}")
+
     def describe(self) -> dict[str, Any]:
-        return self._worker.describe()
+        return {**self._worker.describe(), "pid": os.getpid(), "node": self._node}
 
     def process(self, task: ShardTask) -> Iterator[TaskStarted | ShardResult]:
         """A streaming generator (the pool calls it so): first `TaskStarted`, so the driver knows
@@ -144,4 +200,4 @@ class JobActor:
         yield self._processor.process(task)
 
 
-__all__ = ["ShardProcessor", "JobActor", "ReconciliationError", "prepare_in_threads"]
+__all__ = ["ShardProcessor", "JobActor", "DriverGoneError", "ReconciliationError", "prepare_in_threads"]
