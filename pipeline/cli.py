@@ -12,7 +12,7 @@ from .config import RunConfig, apply_overrides, from_dict, load_yaml
 
 # Flags every job kind has -> config key; a flag left unset keeps the YAML's (or the default) value.
 _RUN_FLAGS = {"input": "input", "output": "output", "actors": "actors", "overwrite": "overwrite",
-              "break_lock": "break_lock"}
+              "break_lock": "break_lock", "recheck": "recheck"}
 
 
 def config_from_args(kind: Any, args: argparse.Namespace) -> RunConfig:
@@ -38,6 +38,9 @@ def _add_run_flags(p: argparse.ArgumentParser, kind: Any) -> None:
                    help="replace an output made by another job (another VAE, preprocessing, format)")
     p.add_argument("--break-lock", action="store_const", const=True,
                    help="take over the output's lock from a driver that is gone but whose heartbeat is still fresh")
+    p.add_argument("--recheck", action="store_const", const=True,
+                   help="hash every committed shard against its record first, and redo those whose bytes changed "
+                        "(a rerun otherwise checks sizes only)")
     p.add_argument("--config", help=f"YAML file whose keys are {kind.config_type.__name__}'s fields")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override any config field, e.g. retry.max_attempts=5 (repeatable)")

@@ -159,6 +159,9 @@ class RunConfig:
     overwrite: bool = False
     # Take over the output's lock although its driver may still run (see pipeline/core/lock.py).
     break_lock: bool = False
+    # Hash every committed data file against its record before resuming (a rerun checks sizes
+    # only); shards whose bytes changed are redone.
+    recheck: bool = False
     storage_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

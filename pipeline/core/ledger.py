@@ -346,8 +346,13 @@ class Ledger:
             self._rm([path])
 
     def _sha256(self, path: str) -> str:
+        return self.file_sha256(self.fs, path)
+
+    @staticmethod
+    def file_sha256(fs: Any, path: str) -> str:
+        """sha256 of the file at `path`, read in 8 MiB chunks."""
         sha = hashlib.sha256()
-        with self.fs.open(path, "rb") as f:
+        with fs.open(path, "rb") as f:
             while chunk := f.read(8 * 2**20):
                 sha.update(chunk)
         return sha.hexdigest()
@@ -446,7 +451,7 @@ class Ledger:
         self._write_json(self._path(self.layout.manifest), data)
         self._manifest = data
 
-    def finished(self, manifest: Mapping[str, Any]) -> list[ShardRecord] | None:
+    def finished(self, manifest: Mapping[str, Any], *, verify_checksum: bool = False) -> list[ShardRecord] | None:
         """The committed records when this folder holds exactly this job (identity and shards) and
         it finished (SUCCESS, every shard still committed); else None. Reads only, writes nothing."""
         if self.legacy or not self._exists(self.layout.success):  # the usual case: one HEAD, no more reads
@@ -459,7 +464,7 @@ class Ledger:
                 or dict(old["shards"]) != dict(manifest["shards"]):
             return None
         self._manifest = old
-        records = self.job_records()
+        records = self.job_records(verify_checksum=verify_checksum)
         return records if {r.name for r in records} >= set(old["shards"]) else None
 
     def _remove_job_outputs(self, old: Mapping[str, Any]) -> None:
@@ -583,8 +588,9 @@ class Ledger:
         self._rm(stale)
         return len(stale)
 
-    def records(self) -> list[ShardRecord]:
-        """The committed shards' records (any name), by name; two listings and one batched read."""
+    def records(self, *, verify_checksum: bool = False) -> list[ShardRecord]:
+        """The committed shards' records (any name), by name; two listings and one batched read.
+        With `verify_checksum`, each data file is also hashed against its record (in threads)."""
         paths = sorted(e["name"] for e in self._ls(self._path(self.layout.records))
                        if e["type"] == "file" and e["name"].endswith(".json"))
         if not paths:
@@ -603,6 +609,16 @@ class Ledger:
                 logger.warning("shard %s is not committed: %s", name, reason)
                 continue
             out.append(record)
+        if verify_checksum and out:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=min(8, len(out))) as pool:
+                hashes = list(pool.map(lambda r: self._sha256(self._path(r.data_file)), out))
+            for record, got in zip(list(out), hashes):
+                if got != record.sha256:
+                    logger.warning("shard %s is not committed: data file %s does not match the recorded sha256",
+                                   record.name, record.data_file)
+                    out.remove(record)
         return out
 
     def _data_sizes(self) -> dict[str, int]:
@@ -613,10 +629,10 @@ class Ledger:
         return {prefix + posixpath.basename(e["name"]): e["size"]
                 for e in self._ls(self._path(folder) if folder else self.root) if e["type"] == "file"}
 
-    def job_records(self) -> list[ShardRecord]:
-        """The committed records of the manifest's shards, by name."""
+    def job_records(self, *, verify_checksum: bool = False) -> list[ShardRecord]:
+        """The committed records of the manifest's shards, by name (`verify_checksum`: see `records`)."""
         names = self._job()["shards"]
-        return [r for r in self.records() if r.name in names]
+        return [r for r in self.records(verify_checksum=verify_checksum) if r.name in names]
 
     # --- end of job --------------------------------------------------------------------------
 

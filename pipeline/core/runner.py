@@ -143,7 +143,7 @@ def _open_output(kind: JobKind, cfg: RunConfig, job: JobPlan) -> tuple[Ledger, l
     """Open (or resume) the job in its output folder; returns the ledger, committed records and to-do shards."""
     ledger = Ledger(cfg.output, cfg.storage_options)
     ledger.open_job(_manifest(kind, job), overwrite=cfg.overwrite)
-    records = ledger.job_records()
+    records = ledger.job_records(verify_checksum=cfg.recheck)
     todo = pending_shards(job.inputs, {r.name for r in records})
     ledger.discard_all(todo)  # a stale record must never vouch for data being rewritten
     log.info("%d shard(s): %d committed already, %d to do", len(job.inputs), len(records), len(todo))
@@ -154,7 +154,7 @@ def _finished(kind: JobKind, cfg: RunConfig, job: JobPlan, t0: float, random_wei
     """The summary of a run with nothing to do, when the output holds this very job finished (and
     within its error budget): such a run writes nothing, not even the manifest."""
     ledger = Ledger(cfg.output, cfg.storage_options)
-    done = ledger.finished(_manifest(kind, job))
+    done = ledger.finished(_manifest(kind, job), verify_checksum=cfg.recheck)
     if done is None:
         return None
     if error_rate_message(sum(r.samples_read for r in done), sum(len(r.errors) for r in done),

@@ -22,6 +22,7 @@ under final names are whole by construction.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import posixpath
@@ -36,7 +37,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.core.layout import is_reserved
 from pipeline.core.storage import join, output_fs
-from pipeline.core.ledger import Ledger
+from pipeline.core.ledger import Ledger, LedgerError
 from pipeline.io.latent_writers import (LATENT_COLUMNS, METADATA_KEY, RESERVED_COLUMNS, SIZE_COLUMNS, WRITERS,
                               is_text_extension)
 
@@ -128,7 +129,7 @@ def _read_parquet(fs: AbstractFileSystem, path: str, name: str,
             yield from _parquet_rows(pq.ParquetFile(f, page_checksum_verification=True), name, where, with_logvar)
         except OSError as e:
             if "checksum" in str(e).lower() or "corrupt" in str(e).lower():
-                raise CorruptShardError(f"{where} is damaged: {e}; rerun the job to rewrite it") from e
+                raise _damaged(where, str(e)) from e
             raise
 
 
@@ -163,32 +164,98 @@ _NP_DTYPES = {"F16": np.float16, "F32": np.float32, "U8": np.uint8}
 
 
 
-def _read_safetensors(fs: AbstractFileSystem, path: str, name: str,
-                      with_logvar: bool) -> Iterator[tuple[str, np.ndarray, dict]]:
+class _HashedStream:
+    """A forward-only reader over a file that hashes every byte it passes, skipped ones included."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.pos = 0
+        self.sha = hashlib.sha256()
+
+    def read(self, n: int) -> bytes:
+        data = self.f.read(n)
+        self.sha.update(data)
+        self.pos += len(data)
+        return data
+
+    def skip_to(self, offset: int) -> None:
+        while self.pos < offset:
+            if not self.read(min(8 * 2**20, offset - self.pos)):
+                return
+
+    def finish(self) -> str:
+        while self.read(8 * 2**20):
+            pass
+        return self.sha.hexdigest()
+
+
+def _recorded_sha256(fs: AbstractFileSystem, path: str) -> str | None:
+    """The sha256 that the job's record gives for the data file at `path`, when its folder holds a
+    latentcache job that recorded it; else None (a shard copied elsewhere is read as it is)."""
+    folder, base = posixpath.split(path)
+    ledger = Ledger(fs.unstrip_protocol(folder))
+    try:
+        if ledger.read_manifest() is None:
+            return None
+    except LedgerError:
+        return None
+    record = ledger.committed(base.rpartition(".")[0])
+    return record.sha256 if record is not None and record.data_file == base else None
+
+
+def _read_safetensors(fs: AbstractFileSystem, path: str, name: str, with_logvar: bool,
+                      sha256: str | None = None) -> Iterator[tuple[str, np.ndarray, dict]]:
+    """Samples of a safetensors shard. With the record's `sha256`, every byte is hashed as the file
+    streams past (one forward pass) and a mismatch raises CorruptShardError at the end of the shard:
+    safetensors has no checksums of its own, so a flipped byte would otherwise read as valid."""
     where = fs.unstrip_protocol(path)
-    if isinstance(fs, LocalFileSystem):  # memory-mapped, tensors loaded one at a time
+    if sha256 is None and isinstance(fs, LocalFileSystem):  # memory-mapped, tensors loaded one at a time
         with safetensors.safe_open(path, framework="numpy") as handle:
             yield from _safetensors_samples(handle.metadata() or {}, handle.get_tensor, where, name, with_logvar)
         return
-    # Remote: the header, then each tensor by its offsets, in file order (read ahead by fsspec's
-    # cache), so a shard is streamed rather than held whole.
-    with fs.open(path, "rb", cache_type="readahead", block_size=8 * 2**20) as f:
-        size = int.from_bytes(f.read(8), "little")
+    # The header, then each tensor by its offsets, in file order (read ahead by fsspec's cache),
+    # so a shard is streamed rather than held whole.
+    opened = open(path, "rb", buffering=2**20) if isinstance(fs, LocalFileSystem) else \
+        fs.open(path, "rb", cache_type="readahead", block_size=8 * 2**20)
+    with opened as f:
+        stream = _HashedStream(f)
+        size = int.from_bytes(stream.read(8), "little")
         if not 0 < size <= 100 * 2**20:
-            raise ValueError(f"{where}: safetensors header length {size} is out of range")
-        header = json.loads(f.read(size))
+            raise _damaged(where, f"safetensors header length {size} is out of range") if sha256 else \
+                ValueError(f"{where}: safetensors header length {size} is out of range")
+        try:
+            header = json.loads(stream.read(size))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            if sha256:
+                raise _damaged(where, f"its header is not JSON ({e})") from e
+            raise
         base = 8 + size
+        hashed = True
 
         def get(tensor: str) -> np.ndarray:
+            nonlocal hashed
             entry = header[tensor]
             start, end = entry["data_offsets"]
-            f.seek(base + start)
-            raw = f.read(end - start)
+            if base + start < stream.pos:  # not in the writer's order: random access, hashed separately
+                hashed = False
+                f.seek(base + start)
+                raw = f.read(end - start)
+            else:
+                stream.skip_to(base + start)
+                raw = stream.read(end - start) if hashed else f.read(end - start)
             if len(raw) != end - start:
                 raise ValueError(f"{where}: tensor {tensor} is cut short ({len(raw)} of {end - start} bytes)")
             return np.frombuffer(raw, dtype=_NP_DTYPES[entry["dtype"]]).reshape(entry["shape"]).copy()
 
         yield from _safetensors_samples(header.get("__metadata__", {}), get, where, name, with_logvar)
+        if sha256 is not None:
+            got = stream.finish() if hashed else Ledger.file_sha256(fs, path)
+            if got != sha256:
+                raise _damaged(where, f"its sha256 {got[:16]}... differs from the record's {sha256[:16]}...")
+
+
+def _damaged(where: str, why: str) -> CorruptShardError:
+    return CorruptShardError(f"{where} is damaged: {why}; rerun the job with --recheck to rewrite it")
 
 
 def _safetensors_samples(header_meta: Mapping[str, str], get: Any, where: str, name: str,
@@ -222,14 +289,18 @@ def _safetensors_samples(header_meta: Mapping[str, str], get: Any, where: str, n
         yield s["key"], latent, meta
 
 
+def _check_kind(manifest: Mapping[str, Any], url: str) -> None:
+    if manifest.get("kind", "encode") != "encode":
+        raise ValueError(f"{url} holds the output of a {manifest['kind']!r} job, not latent shards; "
+                         "expected the output folder of an encode job")
+
+
 def _shard_files(fs: AbstractFileSystem, root: str, url: str, storage_options: Mapping[str, Any] | None) -> list[str]:
     """The data files of a folder: committed shards when it has a manifest, else every data file."""
     ledger = Ledger(url, storage_options)
     manifest = ledger.read_manifest()
     if manifest is not None:
-        if manifest.get("kind", "encode") != "encode":
-            raise ValueError(f"{url} holds the output of a {manifest['kind']!r} job, not latent shards; "
-                             "expected the output folder of an encode job")
+        _check_kind(manifest, url)
         return [join(root, r.data_file) for r in ledger.job_records()]
     fs.invalidate_cache(root)
     try:
@@ -286,11 +357,22 @@ def read_latents(url: str, storage_options: Mapping[str, Any] | None = None, *,
                  with_logvar: bool = False) -> Iterator[tuple[str, np.ndarray, dict]]:
     """Yield (key, latent (C, h, w), meta) for one shard file or every committed shard of a folder."""
     fs, path = output_fs(url, storage_options)
-    files = [path] if _format_of(path) else _shard_files(fs, path, url, storage_options)
-    for file in files:
+    if _format_of(path):
+        files: dict[str, str | None] = {path: None if path.endswith(".parquet") else _recorded_sha256(fs, path)}
+    else:
+        ledger = Ledger(url, storage_options)
+        manifest = ledger.read_manifest()
+        if manifest is not None:
+            _check_kind(manifest, url)
+            files = {join(path, r.data_file): r.sha256 for r in ledger.job_records()}
+        else:
+            files = dict.fromkeys(_shard_files(fs, path, url, storage_options))
+    for file, sha256 in files.items():
         name, _, ext = posixpath.basename(file).rpartition(".")
-        reader = _read_parquet if _EXTENSIONS[ext] == "parquet" else _read_safetensors
-        yield from reader(fs, file, name, with_logvar)
+        if _EXTENSIONS[ext] == "parquet":  # page checksums: pyarrow verifies them as it reads
+            yield from _read_parquet(fs, file, name, with_logvar)
+        else:
+            yield from _read_safetensors(fs, file, name, with_logvar, sha256)
 
 
 __all__ = ["CorruptShardError", "expand_latent_inputs", "is_shard_file", "read_latents", "read_shard_metadata",
