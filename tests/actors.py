@@ -12,15 +12,16 @@ import signal
 import psutil
 
 
-def own_actor_pids(class_name: str) -> list[int]:
-    """Pids of the live worker processes of actor class `class_name` under this process."""
+def own_actor_pids(class_name: str, *, started: bool = False) -> list[int]:
+    """Pids of the live worker processes of actor class `class_name` under this process (with
+    `started`, only those past their constructor, i.e. with the model loaded)."""
     pids = []
     for proc in psutil.Process(os.getpid()).children(recursive=True):
         try:
             cmdline = " ".join(proc.cmdline())
         except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
             continue
-        if f"ray::{class_name}" in cmdline:
+        if f"ray::{class_name}" in cmdline and not (started and "__init__" in cmdline):
             pids.append(proc.pid)
     return pids
 

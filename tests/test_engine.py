@@ -232,3 +232,7 @@ def test_actor_deaths_between_tasks_cost_no_attempt(ray_cluster, tmp_path):
     assert summary.attempts_failed <= sum(kills) * 2 and max(r.attempt for r in records) <= 2
     keys = [k for k, _, _ in read_latents(out)]
     assert sorted(keys) == sorted(f"s{s}/{i}" for s in range(6) for i in range(2))
+    import os
+
+    tmp = os.path.join(out, ".latentcache", "tmp")
+    assert not os.path.isdir(tmp) or os.listdir(tmp) == [], "a killed actor's temp file outlived the job"

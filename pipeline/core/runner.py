@@ -242,6 +242,7 @@ def _run_locked(kind: JobKind, cfg: RunConfig, job: JobPlan, lock: JobLock, n_ac
                           committed_read=sum(r.samples_read for r in committed),
                           committed_errored=sum(len(r.errors) for r in committed))
         t_ready = time.monotonic()
+        restarts = 0
         try:
             if todo:
                 pool = _start_pool(kind, cfg, job, n_actors, resources, len(todo), lock.guard())
@@ -251,6 +252,10 @@ def _run_locked(kind: JobKind, cfg: RunConfig, job: JobPlan, lock: JobLock, n_ac
                 t_ready = time.monotonic()
                 _run_loop(kind, cfg, job, pool, sched, _Progress(len(job.inputs), len(committed), progress),
                           on_result, lock)
+                restarts = pool.restarts
+                pool.shutdown()  # no task is in flight now; an actor killed mid-write left its temp file
+                pool = None
+                ledger.cleanup_tmp()
             message = sched.error_rate_exceeded()
             if message:  # also when nothing was left to do: shards committed by earlier runs count
                 raise ErrorRateExceeded(f"stopping the job: {message}")
@@ -273,7 +278,7 @@ def _run_locked(kind: JobKind, cfg: RunConfig, job: JobPlan, lock: JobLock, n_ac
             samples_errored=errored, counters=sched.counters(), seconds=now - t0,
             steady_seconds=now - t_ready, random_weights=random_weights, result=result,
             attempts_failed=sched.attempts_failed, lost_unstarted=sum(sched.unstarted.values()),
-            actor_restarts=pool.restarts if pool is not None else 0)
+            actor_restarts=restarts)
         _check_lock(lock)
         ledger.write_success({"this_run": summary.to_dict()})
         return summary
