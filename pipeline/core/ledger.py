@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 from pipeline.core.layout import CURRENT, LEGACY, Layout
 from pipeline.core.layout import METADATA_KEY
 from pipeline.core.sink import ShardStats, check_shard_name
-from pipeline.core.storage import join, output_fs, write_atomically, write_bytes_atomically
+from pipeline.core.storage import abort_multipart_uploads, join, output_fs, write_atomically, write_bytes_atomically
 from pipeline.samples import SampleError
 
 logger = logging.getLogger(__name__)
@@ -73,6 +73,12 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
         from botocore.exceptions import BotoCoreError
 
         found.append(BotoCoreError)
+    except ImportError:
+        pass
+    try:  # s3fs over aiohttp: a body cut short, again and again
+        from aiohttp import ClientPayloadError
+
+        found.append(ClientPayloadError)
     except ImportError:
         pass
     return tuple(found)
@@ -508,11 +514,16 @@ class Ledger:
         self.layout = CURRENT  # a wiped 0.1 folder is rewritten in the current layout
 
     def cleanup_tmp(self) -> int:
-        """Remove temp files left by a crashed run; returns how many. Call only when no writer runs."""
+        """Remove temp files left by a crashed run, and on S3 the unfinished multipart uploads of
+        temp keys (a writer killed mid-upload leaves one, invisible to listings, billed); returns
+        how many files. Call only when no writer runs."""
         stale = [e["name"] for e in self._ls(self._tmp) if e["type"] == "file"]
         if stale:
             logger.info("removing %d stale temp file(s) under %s", len(stale), self._tmp)
         self._rm(stale)
+        aborted = abort_multipart_uploads(self.fs, self._tmp + "/")
+        if aborted:
+            logger.info("aborted %d unfinished multipart upload(s) under %s", aborted, self._tmp)
         return len(stale)
 
     # --- per-shard records -------------------------------------------------------------------

@@ -203,6 +203,8 @@ class JobLock:
             held = read_lock(self.fs, self.root)
             if held is None:
                 continue  # released meanwhile: try again
+            if held.get("owner") == self.owner:
+                return  # our own create landed, its answer was lost, and the client's retry met it
             reason = self._gone_reason(held, break_lock)
             if reason is None:
                 raise LockError(

@@ -4,7 +4,10 @@
 parts as its buffer fills, a local file is written through), then `commit()` checks the uploaded
 size, moves the object under its final name (on S3 a server-side copy, so it appears whole) and
 checks it again. A failure at any step removes the temporary object and raises `ShardWriteError`;
-nothing partial is ever visible under the final name.
+nothing partial is ever visible under the final name. On S3 no multipart upload outlives its
+AtomicUpload either (they are invisible to listings, and billed): a failed completion is aborted,
+and so is one the store created for a request whose answer was lost (the client retried and made
+another), found by listing the uploads of the temp key.
 """
 
 from __future__ import annotations
@@ -48,6 +51,43 @@ def ensure_dir(fs: AbstractFileSystem, path: str) -> None:
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
     if not _OBJECT_STORES.intersection(protocols):
         fs.makedirs(path, exist_ok=True)
+
+
+def _s3_uploads_api(fs: AbstractFileSystem) -> Callable[..., Any] | None:
+    """s3fs's `call_s3`, where `fs` is an S3 filesystem (the only store whose uploads are handled here)."""
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    call = getattr(fs, "call_s3", None)
+    return call if {"s3", "s3a"}.intersection(protocols) and callable(call) else None
+
+
+def abort_multipart_uploads(fs: AbstractFileSystem, prefix: str, *, exact: bool = False) -> int:
+    """Abort the unfinished multipart uploads whose key starts with `prefix` (equals it, when
+    `exact`) on an S3 filesystem; returns how many. A no-op (0) on other filesystems.
+
+    Meant for temp keys, whose uploads nobody completes once their writer is gone: `prefix` is a
+    path without protocol, `bucket/key...`. Raises what listing or aborting raises.
+    """
+    call = _s3_uploads_api(fs)
+    if call is None:
+        return 0
+    bucket, key, _ = fs.split_path(prefix)  # type: ignore[attr-defined]
+    if not key:
+        raise ValueError(f"prefix {prefix!r} names a whole bucket; expected a key prefix inside it")
+    aborted = 0
+    markers: dict[str, str] = {}
+    while True:
+        page = call("list_multipart_uploads", Bucket=bucket, Prefix=key, **markers)
+        for upload in page.get("Uploads", []):
+            if exact and upload["Key"] != key:
+                continue
+            try:
+                call("abort_multipart_upload", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+            except FileNotFoundError:
+                pass  # NoSuchUpload: completed or aborted meanwhile, which is what was wanted
+            aborted += 1
+        if not page.get("IsTruncated"):
+            return aborted
+        markers = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
 
 
 def _remove_after_failure(fs: AbstractFileSystem, path: str, error: BaseException) -> None:
@@ -135,7 +175,13 @@ class AtomicUpload:
             raise ShardWriteError(f"{self.url}: commit after the upload was {self._state}")
         fs = self.fs
         try:
-            self._raw.close()
+            try:
+                self._raw.close()
+            except BaseException:
+                # s3fs marks the file closed even when completing its multipart upload failed, and
+                # leaves the upload open on the store: abort it.
+                self._discard_raw()
+                raise
             fs.invalidate_cache(self.tmp_path)
             landed = fs.info(self.tmp_path)["size"]
             if landed != self.bytes:
@@ -151,11 +197,13 @@ class AtomicUpload:
         except BaseException as e:
             self._state = "aborted"
             _remove_after_failure(fs, self.tmp_path, e)
+            self._abort_stray_uploads(e)
             if isinstance(e, Exception) and not isinstance(e, ShardWriteError):
                 raise ShardWriteError(f"writing {self.url} failed: {type(e).__name__}: {e}") from e
             raise
         self._state = "committed"
         self.closed = True
+        self._abort_stray_uploads(None)
         return self.bytes, self.sha256
 
     def abort(self) -> None:
@@ -165,17 +213,49 @@ class AtomicUpload:
             return
         self._state = "aborted"
         self.closed = True
-        try:
-            if isinstance(self._raw, AbstractBufferedFile):
-                self._raw.discard()  # s3fs, gcsfs: drop the buffer and abort the multipart upload
-            else:
-                self._raw.close()
-        except Exception as e:  # noqa: BLE001 - see the docstring; the removal below still runs
-            log.warning("closing the temp file %s failed: %r", self.fs.unstrip_protocol(self.tmp_path), e)
+        self._discard_raw()
         error = ShardWriteError(f"{self.url}: upload aborted")
         _remove_after_failure(self.fs, self.tmp_path, error)
+        self._abort_stray_uploads(error)
         for note in getattr(error, "__notes__", ()):
             log.warning("%s", note)
+
+    def _discard_raw(self) -> None:
+        """Drop the temp file's buffer and, on object stores, its multipart upload; never raises."""
+        raw = self._raw
+        try:
+            if isinstance(raw, AbstractBufferedFile):
+                raw.discard()  # s3fs, gcsfs: drop the buffer and abort the multipart upload
+            else:
+                raw.close()
+        except Exception as e:  # noqa: BLE001 - runs on the way out of a failure; what is left is logged
+            log.warning("discarding the temp file %s failed: %r", self.fs.unstrip_protocol(self.tmp_path), e)
+        finally:
+            if isinstance(raw, AbstractBufferedFile):
+                # Inert from now on: after a failed discard, s3fs's __del__ would close the file at
+                # garbage collection and complete its upload, publishing the temp object after it
+                # was removed (and, after a good discard, fail noisily on its dropped buffer).
+                raw.closed = True
+
+    def _abort_stray_uploads(self, error: BaseException | None) -> None:
+        """Abort multipart uploads of the temp key that nobody completes: one the store created for
+        a request whose answer was lost (the client retried and made another), or one whose abort
+        failed. Only when the file went multipart (it reached the block size); never raises: a
+        failure is noted on `error`, or logged when the upload committed (an orphaned upload costs
+        storage, not correctness)."""
+        if self.bytes < getattr(self._raw, "blocksize", float("inf")) or _s3_uploads_api(self.fs) is None:
+            return
+        try:
+            n = abort_multipart_uploads(self.fs, self.tmp_path, exact=True)
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            message = f"could not abort the multipart uploads of {self.fs.unstrip_protocol(self.tmp_path)}: {e!r}"
+            if error is None:
+                log.warning("%s", message)
+            else:
+                error.add_note(message)
+            return
+        if n:
+            log.info("aborted %d stray multipart upload(s) of %s", n, self.fs.unstrip_protocol(self.tmp_path))
 
     def __enter__(self) -> AtomicUpload:
         return self
@@ -205,4 +285,4 @@ def write_bytes_atomically(fs: AbstractFileSystem, tmp_dir: str, final_path: str
 
 
 __all__ = ["AtomicUpload", "ShardWriteError", "output_fs", "join", "ensure_dir", "write_atomically",
-           "write_bytes_atomically"]
+           "write_bytes_atomically", "abort_multipart_uploads"]
