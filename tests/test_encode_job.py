@@ -324,17 +324,19 @@ def test_a_sigkilled_driver_takes_its_local_ray_and_actors_with_it(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "parquet"])
-def test_a_byte_flipped_shard_raises_in_readers_and_recheck_redoes_exactly_it(ray_cluster, tmp_path, fmt):
+def test_tampered_shards_raise_in_readers_and_reruns_redo_exactly_them(ray_cluster, tmp_path, fmt):
     """Issue 8, defect 3 and fault 8: same-size damage is never read as valid (safetensors hashed
-    against the record as it streams, Parquet by page checksums), and `--recheck` redoes exactly the
-    damaged shard, while a plain rerun trusts sizes."""
+    against the record as it streams, Parquet by page checksums). A rerun redoes exactly the
+    deleted and truncated shards (sizes are checked) and clears a stray temp file; `--recheck`
+    redoes exactly the byte-flipped one."""
     from pipeline.io.latent_reader import CorruptShardError
 
-    _local_shards(tmp_path / "in", 3, 3)
+    _local_shards(tmp_path / "in", 4, 3)
     out = tmp_path / "out"
     cfg = _cfg([str(tmp_path / "in")], str(out), format=fmt, actors=1)
     run_encode(cfg, progress=False)
     before = {k: v for k, v, _ in read_latents(str(out))}
+    records = {p.name: p.read_bytes() for p in (out / CURRENT.records).iterdir()}
     victim = out / f"part-0001.{fmt}"
     data = bytearray(victim.read_bytes())
     if fmt == "parquet":  # inside the latent column's pages (a column not read is not checked)
@@ -353,8 +355,19 @@ def test_a_byte_flipped_shard_raises_in_readers_and_recheck_redoes_exactly_it(ra
         list(read_latents(str(out)))
     with pytest.raises(CorruptShardError, match="part-0001"):
         list(read_latents(str(victim)))
-    assert run_encode(cfg, progress=False).processed_shards == 0  # sizes match: trusted without --recheck
+
+    (out / f"part-0000.{fmt}").unlink()
+    truncated = out / f"part-0002.{fmt}"
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    (out / CURRENT.tmp).mkdir(parents=True, exist_ok=True)
+    (out / CURRENT.tmp / f"part-0003.0123456789abcdef.{fmt}").write_bytes(b"left by a crash")
+    rerun = run_encode(cfg, progress=False)
+    assert rerun.processed_shards == 2 and rerun.skipped_shards == 2  # the flip has the recorded size
+    assert not list((out / CURRENT.tmp).iterdir())
+    unchanged = {p.name: p.read_bytes() for p in (out / CURRENT.records).iterdir()}
+    assert unchanged["part-0001.json"] == records["part-0001.json"] and \
+        unchanged["part-0003.json"] == records["part-0003.json"], "a committed shard was redone"
     redone = run_encode(dataclasses.replace(cfg, recheck=True), progress=False)
-    assert redone.processed_shards == 1 and redone.skipped_shards == 2
+    assert redone.processed_shards == 1 and redone.skipped_shards == 3
     after = {k: v for k, v, _ in read_latents(str(out))}
     assert after.keys() == before.keys() and all(np.array_equal(after[k], before[k]) for k in before)
