@@ -51,11 +51,15 @@ BIG = 5 * MiB + 512 * 1024
 RETRY = RetryConfig(max_attempts=4, backoff_s=0.2, backoff_max_s=1.0)
 DATA_FILE = r"\.(parquet|safetensors|tar)(\?|$)"  # temp and final names of data files; not records or markers
 # Every fault but short_body (a store that loses bytes: its own test below), stalls kept short (a delay,
-# not a failure, at this length). A job sends only a few multipart requests (two uploads: two
-# CreateMultipartUpload, four UploadPart, two CompleteMultipartUpload); the seed is one whose
-# schedule breaks at least one of the first few of each kind (a lost CreateMultipartUpload answer
-# among them), so that every kind meets a fault, not only the frequent ones.
-TEN_PERCENT = FaultPolicy.uniform(0.10, tuple(f for f in FAULTS if f != "short_body"), seed=1575, stall_s=0.3)
+# not a failure, at this length).
+_TEN_FAULTS = tuple(f for f in FAULTS if f != "short_body")
+# 10 % of every kind; and since a job sends so few multipart requests that 10 % of them is often
+# none, the first of each multipart kind always fails too (a lost CreateMultipartUpload answer
+# among them), so that every kind meets a fault whatever the request pattern.
+TEN_PERCENT = FaultPolicy({"*": Rule(0.10, _TEN_FAULTS),
+                           "CREATE_MPU": Rule(1.0, ("reset_after",), limit=1),
+                           "UPLOAD_PART": Rule(1.0, ("reset_before", "error_503"), limit=1),
+                           "COMPLETE_MPU": Rule(1.0, ("error_500",), limit=1)}, seed=1575, stall_s=0.3)
 _FAULTED_KINDS = {"GET", "HEAD", "PUT", "LIST", "COPY", "DELETE"}
 _MULTIPART = {"CREATE_MPU", "UPLOAD_PART", "COMPLETE_MPU"}  # the jobs whose data files go up in parts
 
