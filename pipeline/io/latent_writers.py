@@ -197,6 +197,11 @@ class ShardWriter(ShardSink):
                     data.decode("utf-8")
                 except UnicodeDecodeError as e:
                     raise InvalidRecordError(f"sample {key!r}: text member {ext!r} is not UTF-8 ({e})") from None
+            if ext == "json":  # readers (LatentDataset) parse it: one that does not parse fails here, not in training
+                try:
+                    json.loads(data)
+                except ValueError as e:
+                    raise InvalidRecordError(f"sample {key!r}: json member is not valid JSON ({e})") from None
             extras[ext] = data
         return LatentRecord(
             key=key, latent=latent, logvar=logvar,

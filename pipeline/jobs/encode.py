@@ -39,14 +39,25 @@ PASSTHROUGH_PEEK_SAMPLES = 16
 PASSTHROUGH_PEEK_TIMEOUT_S = 60.0
 
 
+# Preprocessing fields that decide which samples are read, not what their latents are: left out of
+# the identity, so changing them (or a release adding one) does not refuse a resume.
+_NOT_IDENTITY = frozenset({"max_member_bytes"})
+
+
+def preprocess_identity(preprocess: Any) -> dict[str, Any]:
+    """The preprocessing as the job's identity records it (see _NOT_IDENTITY)."""
+    return {k: v for k, v in to_dict(preprocess).items() if k not in _NOT_IDENTITY}
+
+
 def _non_image_members(sample: RawSample) -> set[str]:
     return {k for k in sample if not k.startswith("__") and k not in IMAGE_EXTENSIONS}
 
 
-def _peek_members(url: str, storage_options: Mapping[str, Any], out: dict[str, set[str] | BaseException]) -> None:
+def _peek_members(url: str, storage_options: Mapping[str, Any], max_member_bytes: int,
+                  out: dict[str, set[str] | BaseException]) -> None:
     found: set[str] = set()
     try:
-        for i, item in enumerate(iter_shard(url, storage_options)):
+        for i, item in enumerate(iter_shard(url, storage_options, max_member_bytes=max_member_bytes)):
             if not isinstance(item, SampleError):
                 found |= _non_image_members(item)
             if i + 1 >= PASSTHROUGH_PEEK_SAMPLES:
@@ -74,7 +85,8 @@ def find_passthrough(cfg: EncodeConfig, inputs: Mapping[str, str]) -> tuple[str,
     results: dict[str, set[str] | BaseException] = {}
     # Daemon threads with a deadline: a read that hangs (a stalled mount, a FIFO) must not hang the
     # driver; that shard is then only the job's to time out and report.
-    threads = [threading.Thread(target=_peek_members, args=(u, cfg.storage_options, results), daemon=True,
+    limit = cfg.preprocess.max_member_bytes
+    threads = [threading.Thread(target=_peek_members, args=(u, cfg.storage_options, limit, results), daemon=True,
                                 name=f"peek-{i}") for i, u in enumerate(urls)]
     for t in threads:
         t.start()
@@ -110,7 +122,7 @@ class EncodeWorker(VAEWorker):
         self._metadata = shard_metadata(plan)
 
     def read(self, task: ShardTask, ctx: ShardContext) -> Iterable[RawSample | SampleError]:
-        return iter_shard(task.url, self.cfg.storage_options)
+        return iter_shard(task.url, self.cfg.storage_options, max_member_bytes=self.cfg.preprocess.max_member_bytes)
 
     def key_of(self, item: RawSample) -> str:
         return item.get("__key__", "")
@@ -187,7 +199,7 @@ class EncodeJob(JobKind):
         info = inspect_vae(cfg.vae.source, cfg.vae.preset, seed=cfg.vae.seed, storage_options=cfg.storage_options)
         _, compute_dtype = compute_device_and_dtype(cfg.vae, ctx.device)
         identity = {"kind": self.name, **vae_identity(info.fingerprint, info.preset, compute_dtype),
-                    "preprocess": to_dict(cfg.preprocess), "format": cfg.format, "latent_dtype": cfg.latent_dtype,
+                    "preprocess": preprocess_identity(cfg.preprocess), "format": cfg.format, "latent_dtype": cfg.latent_dtype,
                     "passthrough": list(find_passthrough(cfg, inputs))}
         # `resolution` repeats preprocess.resolution, as 0.1's shard metadata had it, for readers that look there.
         provenance = {**vae_provenance(cfg.vae, info.random_weights), "resolution": cfg.preprocess.resolution}
