@@ -124,8 +124,8 @@ class RetryConfig:
     shard_timeout_s: float = 3600.0
     actor_start_timeout_s: float = 900.0
     # A task lost before it started (its actor was dead or restarting) costs no attempt, up to this
-    # many times per shard: past it, something keeps killing actors and the shard is charged.
-    max_unstarted: int = 20
+    # many times per shard: past it, actors die before they can begin anything, and it is charged.
+    max_unstarted: int = 200
 
     def __post_init__(self) -> None:
         _check(self.max_attempts >= 1, f"retry.max_attempts={self.max_attempts} must be >= 1")

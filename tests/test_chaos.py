@@ -157,9 +157,7 @@ def test_actor_kills_every_one_to_two_seconds(undisturbed, tmp_path, kind):
     cfg = {"encode": lambda: _encode_cfg(undisturbed["inputs"], out),
            "decode": lambda: _decode_cfg(base / "latents", out),
            "audit": lambda: _audit_cfg(base / "latents", out)}[kind]()
-    # An audit shard (decode, read the source, score, previews) takes 2-3 s on 2 busy cores: killed
-    # every 1-2 s it would rarely finish, so its actors are killed every 3-5 s.
-    interval = (3.0, 5.0) if kind == "audit" else (1.0, 2.0)
+    interval = (1.0, 2.0)
     with Killer(seed=sum(map(ord, kind)), interval=interval) as killer:
         summary = run_job(kind, cfg, progress=False)
     report = _check_verified(out, undisturbed["inputs"] if kind == "encode" else None)

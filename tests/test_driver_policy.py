@@ -98,9 +98,10 @@ def test_error_rate_counts_the_whole_job_not_this_run():
 
 def test_a_task_lost_before_it_started_is_requeued_free_up_to_a_limit():
     sched = Scheduler({"a": "u/a", "b": "u/b"}, RetryConfig(max_attempts=1, max_unstarted=2))
-    for _ in range(2):
-        assert sched.next_task(0.0).name == "a"
-        assert sched.lost_unstarted("a")  # at the front again, still attempt 1
+    assert sched.next_task(0.0).name == "a"
+    assert sched.lost_unstarted("a")
+    assert sched.next_task(0.0).name == "b", "requeued at the back: losses spread over the shards"
+    assert sched.next_task(0.0).name == "a" and sched.lost_unstarted("a")  # still attempt 1
     again = sched.next_task(0.0)
     assert (again.name, again.attempt) == ("a", 1) and sched.attempts_failed == 0
     assert not sched.lost_unstarted("a"), "past max_unstarted the caller charges it"

@@ -101,12 +101,14 @@ class Scheduler:
 
     def lost_unstarted(self, name: str) -> bool:
         """A running shard's task was lost before its actor began it (the actor was dead or
-        restarting): requeued at the front without charging an attempt, up to `retry.max_unstarted`
-        times per shard. Returns False past that; the caller then charges it (`failed_attempt`)."""
+        restarting): requeued at the back without charging an attempt, up to `retry.max_unstarted`
+        times per shard. At the back, so that the losses of a run whose actors keep dying spread over
+        the shards instead of piling on the one at the front. Returns False past the limit; the
+        caller then charges it (`failed_attempt`)."""
         self.unstarted[name] += 1
         if self.unstarted[name] > self.retry.max_unstarted:
             return False
-        self.requeue(name)
+        self._queue.append(self.running.pop(name))
         return True
 
     def succeeded(self, result: ShardResult) -> None:
