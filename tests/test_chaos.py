@@ -193,16 +193,27 @@ def _wait_until(proc: subprocess.Popen, ready: Any, timeout_s: float = 300) -> b
     return False
 
 
-@pytest.mark.parametrize("point", ["start-up", "mid-job", "finishing"])
-def test_driver_killed_then_the_same_command_again(undisturbed, tmp_path, point):
+def _job_args(kind: str, undisturbed: dict[str, Any], out: Path, address: str) -> list[str]:
+    """The CLI command of each job kind, with the undisturbed run's settings."""
+    if kind == "encode":
+        return _encode_args(undisturbed["inputs"], out, address)
+    extra = ["--worst", "4"] if kind == "audit" else []
+    return [kind, "--input", str(undisturbed["base"] / "latents"), "--output", str(out), "--batch-size", "4",
+            "--actors", "2", "--address", address, "--no-progress", *extra, "--set", "decode_threads=2",
+            "--set", "retry.max_attempts=25", "--set", "retry.backoff_s=0.1", "--set", "retry.backoff_max_s=1.0"]
+
+
+@pytest.mark.parametrize("kind, point", [("encode", "start-up"), ("encode", "mid-job"), ("encode", "finishing"),
+                                         ("decode", "mid-job"), ("audit", "mid-job")])
+def test_driver_killed_then_the_same_command_again(undisturbed, tmp_path, kind, point):
     """Fault 3: the driver is SIGKILLed at start-up, mid-job, or while it writes the errors table and
     SUCCESS; the same command again completes, redoes nothing it had committed, and the output is
     the undisturbed run's byte for byte."""
     import ray
 
-    out = tmp_path / "latents"
+    out = tmp_path / kind
     records, errors_table = out / CURRENT.records, out / CURRENT.errors
-    args = _encode_args(undisturbed["inputs"], out, ray.get_runtime_context().gcs_address)
+    args = _job_args(kind, undisturbed, out, ray.get_runtime_context().gcs_address)
     proc = _driver(args)
     try:
         ready = {"start-up": lambda: (out / CURRENT.manifest).exists(),
@@ -224,9 +235,9 @@ def test_driver_killed_then_the_same_command_again(undisturbed, tmp_path, point)
     assert code == 0, stderr[-3000:]
     after = {p.name: p.read_bytes() for p in records.glob("*.json")}
     assert {n: after[n] for n in before} == before, "a shard committed before the kill was redone"
-    _check_verified(out, undisturbed["inputs"])
-    assert _data_hashes(out) == undisturbed["hashes"]["encode"]
-    _record({"fault": "driver_kill", "point": point, "committed_before_kill": len(before),
+    _check_verified(out, undisturbed["inputs"] if kind == "encode" else None)
+    assert _data_hashes(out) == undisturbed["hashes"][kind]
+    _record({"fault": "driver_kill", "kind": kind, "point": point, "committed_before_kill": len(before),
              "committed_by_the_rerun": len(after) - len(before)})
 
 
