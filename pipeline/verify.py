@@ -60,6 +60,7 @@ from fsspec import AbstractFileSystem
 from pipeline.core.kind import JobPlan, shard_metadata
 from pipeline.core.layout import METADATA_KEY, is_reserved
 from pipeline.core.ledger import Ledger, LedgerError, ShardRecord
+from pipeline.io.latent_reader import parse_safetensors_header
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,6 @@ RECORD_BATCH = 32
 MAX_NAMED_KEYS = 10
 _MAX_PROBLEMS = 5
 _MAX_INFO_BYTES = 1 << 20
-_SAFETENSORS_MAX_HEADER = 100 * 2**20  # what safetensors itself accepts
 _SAFETENSORS_DTYPES = {"float16": "F16", "float32": "F32"}
 _HASH_BATCH = 4096
 _NO_VALUE = "<absent>"
@@ -343,12 +343,7 @@ class _SafetensorsInspector(_Inspector):
     def inspect(self, fs: AbstractFileSystem, path: str, name: str, size: int) -> _Facts:
         try:
             with fs.open(path, "rb", **_METADATA_OPEN) as f:
-                length = int.from_bytes(f.read(8), "little")
-                if not 0 < length <= min(_SAFETENSORS_MAX_HEADER, max(size - 8, 0)):
-                    raise ValueError(f"header length {length} does not fit a file of {size} bytes")
-                header = json.loads(f.read(length))
-            if not isinstance(header, dict):
-                raise ValueError(f"header is a {type(header).__name__}; expected an object")
+                header, length = parse_safetensors_header(f.read, name, file_size=size)
             meta = header.pop("__metadata__", None) or {}
             samples = json.loads(meta["samples"]) if "samples" in meta else None
         except (OSError, ValueError, UnicodeDecodeError) as e:
@@ -598,21 +593,21 @@ class _Verifier:
 
     def _list_multipart_uploads(self) -> None:
         """Object stores keep the parts of an upload that never completed, invisible to listings."""
-        lister = getattr(self.fs, "list_multipart_uploads", None)
-        if lister is None or "/" not in self.ledger.root:
+        from pipeline.core.storage import multipart_uploads
+
+        if "/" not in self.ledger.root:
             return
-        bucket, prefix = self.ledger.root.split("/", 1)
+        prefix = self.ledger.root.rstrip("/") + "/"
         try:
-            uploads = lister(bucket)
+            uploads = list(multipart_uploads(self.fs, prefix))
         except (OSError, ValueError) as e:
-            self.notes.append(f"could not list unfinished multipart uploads in {bucket}: {e}")
+            self.notes.append(f"could not list unfinished multipart uploads under {prefix}: {e}")
             return
-        for u in uploads or []:
-            key = str(u.get("Key", ""))
-            if key.startswith(prefix.rstrip("/") + "/"):
-                self._add("stray_temp", "", f"unfinished multipart upload (started {u.get('Initiated')}): a write "
-                                            "in flight or a crashed one; expected none once a job has ended",
-                          key[len(prefix.rstrip('/')) + 1:])
+        key_prefix = prefix.split("/", 1)[1]
+        for u in uploads:
+            self._add("stray_temp", "", f"unfinished multipart upload (started {u.get('Initiated')}): a write "
+                                        "in flight or a crashed one; expected none once a job has ended",
+                      str(u["Key"])[len(key_prefix):])
 
     def _list_records(self) -> list[str]:
         names = []

@@ -39,7 +39,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -185,12 +184,9 @@ class Encoder:
 
     def process(self, name: str, url: str) -> Outcome:
         """Run one shard; the checks every shard must pass, whatever its content, are made here."""
-        # The encode worker does not (yet) hand preprocess.max_member_bytes to the reader, so the
-        # reader's default is set too; with either wiring the shard is read with self.limit.
-        limit = self.limit if self.limit is not None else DEFAULT_LIMIT
-        with mock.patch.object(tar_reader, "DEFAULT_MAX_MEMBER_BYTES", limit, create=True):
-            result = _within(SHARD_SECONDS, lambda: self.processor.process(ShardTask(name, url)),
-                             f"shard {url} (kept for a rerun)")
+        # The worker hands preprocess.max_member_bytes (self.limit) to the reader.
+        result = _within(SHARD_SECONDS, lambda: self.processor.process(ShardTask(name, url)),
+                         f"shard {url} (kept for a rerun)")
         record = self.ledger.committed(name)
         assert record is not None, f"shard {name} was not committed"
         rows = list(read_latents(str(Path(self.cfg.output) / f"{name}.parquet")))
@@ -670,6 +666,8 @@ def test_a_compressed_tar_cut_short_loses_nothing_silently(encoder: Encoder, sha
     for e in o.errors:
         if e not in corrupt:
             assert any(r in e.reason for r in reasons.get(e.key, ())), e
+    unaccounted = {s.key for s in shard.samples} - set(o.written) - {e.key for e in o.errors}
+    assert not unaccounted or len(corrupt) == 1, f"samples lost without the corrupt-tar error: {unaccounted}"
 
 
 # --- defects found by the properties, each as a fixed example -------------------------------------
@@ -884,8 +882,10 @@ def test_the_configured_member_limit_reaches_the_reader(tmp_path: Path) -> None:
     enc = Encoder(tmp_path / "cfg-limit", max_member_bytes=1000)
     try:
         name, url = enc.write(tar_of([Member("a.jpg", photo_pool()[0][1]), Member("a.txt", b"a" * 5000)])[0])
-        o = enc.processor.process(ShardTask(name, url))  # not Encoder.process: no reader default patched in
+        o = enc.processor.process(ShardTask(name, url))
         assert o.samples_errored == 1
+        (error,) = enc.ledger.committed(name).errors
+        assert error.key == "a" and "max_member_bytes=1000" in error.reason, error
     finally:
         enc.close()
 

@@ -16,6 +16,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -173,8 +174,17 @@ def test_actor_kills_every_one_to_two_seconds(undisturbed, tmp_path, kind):
 
 
 def _driver(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # stderr to a file: a pipe nobody reads while the driver runs could fill up and stall it.
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=log, text=True, start_new_session=True)
+    proc.stderr = log
+    return proc
+
+
+def _stderr(proc: subprocess.Popen) -> str:
+    proc.stderr.seek(0)
+    return proc.stderr.read()
 
 
 def _encode_args(inputs: str, out: Path, address: str) -> list[str]:
@@ -220,18 +230,19 @@ def test_driver_killed_then_the_same_command_again(undisturbed, tmp_path, kind, 
                  "mid-job": lambda: records.exists() and len(list(records.glob("*.json"))) >= SHARDS // 3,
                  "finishing": lambda: errors_table.exists()
                  or (out / CURRENT.tmp).exists() and any((out / CURRENT.tmp).glob("errors*"))}[point]
-        assert _wait_until(proc, ready), f"the driver ended before the kill point: {proc.stderr.read()[-2000:]}"
+        assert _wait_until(proc, ready), f"the driver ended before the kill point: {_stderr(proc)[-2000:]}"
         os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        assert proc.wait(timeout=30) == -signal.SIGKILL, "the driver ended before the kill landed"
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.stderr.close()
+    assert not (out / CURRENT.success).exists(), "the kill landed after the job had finished"
     time.sleep(1.5)  # the actors of the dead driver exit within a second (defect 8)
     before = {p.name: p.read_bytes() for p in records.glob("*.json")} if records.exists() else {}
     again = _driver(args)
     code = again.wait(timeout=600)
-    stderr = again.stderr.read()
+    stderr = _stderr(again)
     assert code == 0, stderr[-3000:]
     after = {p.name: p.read_bytes() for p in records.glob("*.json")}
     assert {n: after[n] for n in before} == before, "a shard committed before the kill was redone"
@@ -255,11 +266,11 @@ def test_a_worker_node_lost_without_grace(undisturbed, tmp_path):
         proc = _driver(_encode_args(undisturbed["inputs"], out, cluster.address))
         try:
             assert _wait_until(proc, lambda: records.exists() and len(list(records.glob("*.json"))) >= 5), \
-                proc.stderr.read()[-2000:]
+                _stderr(proc)[-2000:]
             t_lost = time.monotonic()
             cluster.remove_node(workers[0], allow_graceful=False)
             code = proc.wait(timeout=600)
-            stderr = proc.stderr.read()
+            stderr = _stderr(proc)
         finally:
             if proc.poll() is None:
                 proc.kill()

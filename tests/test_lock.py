@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import fsspec
@@ -42,7 +43,7 @@ def test_a_dead_drivers_lock_is_taken_over_with_a_warning(tmp_path, caplog):
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(gone.stdout)
     first = _lock(tmp_path)
-    first.pid, first.pid_started = dead_pid, 1.0  # as if a driver with that pid wrote it, then died
+    first.pid, first.pid_started = dead_pid, None  # as if a driver with that pid wrote it, then died
     first.acquire()
     second = _lock(tmp_path)
     with caplog.at_level(logging.WARNING, logger="pipeline.core.lock"):
@@ -117,8 +118,17 @@ def test_exclusive_create_on_s3_is_atomic(s3_bucket):
 
 
 def _start_driver(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=os.path.dirname(os.path.dirname(__file__)),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # stderr to a file: a pipe nobody reads while the driver runs could fill up and stall it.
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=os.path.dirname(os.path.dirname(__file__)),
+                            stdout=subprocess.DEVNULL, stderr=log, text=True, start_new_session=True)
+    proc.stderr = log  # read with log.seek(0) once it ended: see _stderr
+    return proc
+
+
+def _stderr(proc: subprocess.Popen) -> str:
+    proc.stderr.seek(0)
+    return proc.stderr.read()
 
 
 def _wait_for_records(proc: subprocess.Popen, out, timeout_s: float = 180) -> None:
@@ -136,7 +146,7 @@ def _wait_for_records(proc: subprocess.Popen, out, timeout_s: float = 180) -> No
             if records.exists() and any(p.stat().st_mtime >= held.get("started_unix", 0) for p in records.glob("*.json")):
                 return
         time.sleep(0.05)
-    raise AssertionError(f"the first driver ended or stalled before committing: {proc.stderr.read()[-2000:]}")
+    raise AssertionError(f"the first driver ended or stalled before committing: {_stderr(proc)[-2000:]}")
 
 
 @pytest.mark.ray
@@ -173,7 +183,7 @@ def test_two_drivers_on_one_folder_never_mix(ray_cluster, tmp_path):
             run_job("encode", second, progress=False)
         with pytest.raises(LockError):
             run_job("encode", dataclasses_replace(second, overwrite=False), progress=False)
-        assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+        assert first.wait(timeout=300) == 0, _stderr(first)[-2000:]
     finally:
         if first.poll() is None:
             first.kill()
@@ -186,7 +196,7 @@ def test_two_drivers_on_one_folder_never_mix(ray_cluster, tmp_path):
         taken = run_job("encode", dataclasses_replace(second, break_lock=True), progress=False)
         assert taken.processed_shards == 10
         code = first.wait(timeout=300)
-        stderr = first.stderr.read()
+        stderr = _stderr(first)
     finally:
         if first.poll() is None:
             first.kill()

@@ -625,11 +625,10 @@ class Ledger:
 
             with ThreadPoolExecutor(max_workers=min(8, len(out))) as pool:
                 hashes = list(pool.map(lambda r: self._sha256(self._path(r.data_file)), out))
-            for record, got in zip(list(out), hashes):
-                if got != record.sha256:
-                    logger.warning("shard %s is not committed: data file %s does not match the recorded sha256",
-                                   record.name, record.data_file)
-                    out.remove(record)
+            damaged = {r.name for r, got in zip(out, hashes) if got != r.sha256}
+            for name in sorted(damaged):
+                logger.warning("shard %s is not committed: its data file does not match the recorded sha256", name)
+            out = [r for r in out if r.name not in damaged]
         return out
 
     def _data_sizes(self) -> dict[str, int]:

@@ -103,7 +103,6 @@ class ActorPool:
     _inflight: dict[Any, _Flight] = field(default_factory=dict)
     _collateral: set[Any] = field(default_factory=set)
     _start_failures: int = 0
-    _last_start_error: str = ""
     _made: int = 0
 
     # --- start-up -------------------------------------------------------------------------------
@@ -179,7 +178,6 @@ class ActorPool:
         import ray
 
         self._start_failures += 1
-        self._last_start_error = message
         self.actors.remove(actor)
         ray.kill(actor.handle, no_restart=True)
         log.warning("actor %d failed to start (%d of %d allowed): %s", actor.number, self._start_failures,

@@ -287,9 +287,11 @@ def _run_locked(kind: JobKind, cfg: RunConfig, job: JobPlan, lock: JobLock, n_ac
             pool.shutdown()
 
 
-def _check_lock(lock: JobLock) -> None:
-    if lock.lost is None:
-        lock.heartbeat()  # also a fresh look: another driver may have taken the folder since the last beat
+def _check_lock(lock: JobLock, *, fresh: bool = True) -> None:
+    """Raise JobError when this driver lost the output's lock; `fresh` looks again (one beat) first,
+    as another driver may have taken the folder since the last beat."""
+    if fresh and lock.lost is None:
+        lock.heartbeat()
     if lock.lost is not None:
         raise JobError(f"{lock.lost}; stopping without writing more")
 
@@ -298,8 +300,7 @@ def _run_loop(kind: JobKind, cfg: RunConfig, job: JobPlan, pool: ActorPool, sche
               bar: _Progress, on_result: Callable[[ShardResult], None] | None, lock: JobLock) -> None:
     try:
         while not sched.finished:
-            if lock.lost is not None:
-                raise JobError(f"{lock.lost}; stopping without writing more")
+            _check_lock(lock, fresh=False)  # the heartbeat thread looks every interval
             now = time.monotonic()
             for info in pool.poll_starting():
                 _check_actor(kind, job, info)

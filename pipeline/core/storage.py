@@ -17,7 +17,7 @@ import logging
 import posixpath
 import secrets
 from types import TracebackType
-from typing import Any, BinaryIO, Callable, Mapping
+from typing import Any, BinaryIO, Callable, Iterator, Mapping
 
 import fsspec
 from fsspec import AbstractFileSystem
@@ -60,6 +60,25 @@ def _s3_uploads_api(fs: AbstractFileSystem) -> Callable[..., Any] | None:
     return call if {"s3", "s3a"}.intersection(protocols) and callable(call) else None
 
 
+def multipart_uploads(fs: AbstractFileSystem, prefix: str) -> Iterator[dict[str, Any]]:
+    """The unfinished multipart uploads whose key starts with `prefix` (`bucket/key...`, no
+    protocol) on an S3 filesystem, every page of them; nothing on other filesystems."""
+    call = _s3_uploads_api(fs)
+    if call is None:
+        return
+    bucket, key, _ = fs.split_path(prefix)  # type: ignore[attr-defined]
+    if not key:
+        raise ValueError(f"prefix {prefix!r} names a whole bucket; expected a key prefix inside it")
+    markers: dict[str, str] = {}
+    while True:
+        page = call("list_multipart_uploads", Bucket=bucket, Prefix=key, **markers)
+        for upload in page.get("Uploads", []):
+            yield {**upload, "Bucket": bucket}
+        if not page.get("IsTruncated"):
+            return
+        markers = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
+
+
 def abort_multipart_uploads(fs: AbstractFileSystem, prefix: str, *, exact: bool = False) -> int:
     """Abort the unfinished multipart uploads whose key starts with `prefix` (equals it, when
     `exact`) on an S3 filesystem; returns how many. A no-op (0) on other filesystems.
@@ -68,26 +87,18 @@ def abort_multipart_uploads(fs: AbstractFileSystem, prefix: str, *, exact: bool 
     path without protocol, `bucket/key...`. Raises what listing or aborting raises.
     """
     call = _s3_uploads_api(fs)
-    if call is None:
-        return 0
-    bucket, key, _ = fs.split_path(prefix)  # type: ignore[attr-defined]
-    if not key:
-        raise ValueError(f"prefix {prefix!r} names a whole bucket; expected a key prefix inside it")
+    key = fs.split_path(prefix)[1] if call is not None else ""  # type: ignore[attr-defined]
     aborted = 0
-    markers: dict[str, str] = {}
-    while True:
-        page = call("list_multipart_uploads", Bucket=bucket, Prefix=key, **markers)
-        for upload in page.get("Uploads", []):
-            if exact and upload["Key"] != key:
-                continue
-            try:
-                call("abort_multipart_upload", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
-            except FileNotFoundError:
-                pass  # NoSuchUpload: completed or aborted meanwhile, which is what was wanted
-            aborted += 1
-        if not page.get("IsTruncated"):
-            return aborted
-        markers = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
+    for upload in list(multipart_uploads(fs, prefix)):
+        if exact and upload["Key"] != key:
+            continue
+        try:
+            call("abort_multipart_upload", Bucket=upload["Bucket"], Key=upload["Key"],  # type: ignore[misc]
+                 UploadId=upload["UploadId"])
+        except FileNotFoundError:
+            pass  # NoSuchUpload: completed or aborted meanwhile, which is what was wanted
+        aborted += 1
+    return aborted
 
 
 def _remove_after_failure(fs: AbstractFileSystem, path: str, error: BaseException) -> None:
@@ -284,5 +295,5 @@ def write_bytes_atomically(fs: AbstractFileSystem, tmp_dir: str, final_path: str
     return write_atomically(fs, tmp_dir, final_path, lambda f: f.write(data))
 
 
-__all__ = ["AtomicUpload", "ShardWriteError", "output_fs", "join", "ensure_dir", "write_atomically",
+__all__ = ["multipart_uploads", "AtomicUpload", "ShardWriteError", "output_fs", "join", "ensure_dir", "write_atomically",
            "write_bytes_atomically", "abort_multipart_uploads"]

@@ -26,7 +26,7 @@ import hashlib
 import json
 import logging
 import posixpath
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -72,13 +72,32 @@ def _shard_metadata(raw: str | bytes | None, where: str) -> dict[str, str]:
     return data
 
 
+# What safetensors itself accepts as a header.
+MAX_SAFETENSORS_HEADER = 100 * 2**20
+
+
+def parse_safetensors_header(read: Callable[[int], bytes], where: str,
+                             file_size: int | None = None) -> tuple[dict[str, Any], int]:
+    """(the JSON header, its length) of a safetensors file read through `read(n)`: an 8-byte
+    little-endian length, then JSON. Raises ValueError naming `where` for a length out of range (or
+    past `file_size`) or a header that is not a JSON object."""
+    length = int.from_bytes(read(8), "little")
+    limit = MAX_SAFETENSORS_HEADER if file_size is None else min(MAX_SAFETENSORS_HEADER, max(file_size - 8, 0))
+    if not 0 < length <= limit:
+        raise ValueError(f"{where}: safetensors header length {length} is out of range (1 to {limit} bytes)")
+    try:
+        header = json.loads(read(length))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{where}: safetensors header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{where}: safetensors header is a {type(header).__name__}; expected an object")
+    return header, length
+
+
 def _safetensors_header(fs: AbstractFileSystem, path: str) -> dict[str, Any]:
-    """The JSON header of a safetensors file (8-byte little-endian length, then JSON), via two reads."""
+    """The JSON header of a safetensors file, via two reads."""
     with fs.open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        if not 0 < size <= 100 * 2**20:
-            raise ValueError(f"{fs.unstrip_protocol(path)}: safetensors header length {size} is out of range")
-        return json.loads(f.read(size))
+        return parse_safetensors_header(f.read, fs.unstrip_protocol(path))[0]
 
 
 def read_shard_metadata(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, str]:
@@ -219,37 +238,31 @@ def _read_safetensors(fs: AbstractFileSystem, path: str, name: str, with_logvar:
         fs.open(path, "rb", cache_type="readahead", block_size=8 * 2**20)
     with opened as f:
         stream = _HashedStream(f)
-        size = int.from_bytes(stream.read(8), "little")
-        if not 0 < size <= 100 * 2**20:
-            raise _damaged(where, f"safetensors header length {size} is out of range") if sha256 else \
-                ValueError(f"{where}: safetensors header length {size} is out of range")
         try:
-            header = json.loads(stream.read(size))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            header, length = parse_safetensors_header(stream.read, where)
+        except ValueError as e:
             if sha256:
-                raise _damaged(where, f"its header is not JSON ({e})") from e
+                raise _damaged(where, str(e)) from e
             raise
-        base = 8 + size
-        hashed = True
+        base = 8 + length
 
         def get(tensor: str) -> np.ndarray:
-            nonlocal hashed
             entry = header[tensor]
             start, end = entry["data_offsets"]
-            if base + start < stream.pos:  # not in the writer's order: random access, hashed separately
-                hashed = False
-                f.seek(base + start)
-                raw = f.read(end - start)
-            else:
-                stream.skip_to(base + start)
-                raw = stream.read(end - start) if hashed else f.read(end - start)
+            if base + start < stream.pos:  # the writer lays tensors out in the order they are read
+                if sha256 is not None:
+                    raise _damaged(where, f"tensor {tensor} lies before data already read")
+                f.seek(base + start)  # a file nothing vouches for: random access, nothing to hash
+                stream.pos = base + start
+            stream.skip_to(base + start)
+            raw = stream.read(end - start)
             if len(raw) != end - start:
                 raise ValueError(f"{where}: tensor {tensor} is cut short ({len(raw)} of {end - start} bytes)")
             return np.frombuffer(raw, dtype=_NP_DTYPES[entry["dtype"]]).reshape(entry["shape"]).copy()
 
         yield from _safetensors_samples(header.get("__metadata__", {}), get, where, name, with_logvar)
         if sha256 is not None:
-            got = stream.finish() if hashed else Ledger.file_sha256(fs, path)
+            got = stream.finish()
             if got != sha256:
                 raise _damaged(where, f"its sha256 {got[:16]}... differs from the record's {sha256[:16]}...")
 
@@ -295,13 +308,15 @@ def _check_kind(manifest: Mapping[str, Any], url: str) -> None:
                          "expected the output folder of an encode job")
 
 
-def _shard_files(fs: AbstractFileSystem, root: str, url: str, storage_options: Mapping[str, Any] | None) -> list[str]:
-    """The data files of a folder: committed shards when it has a manifest, else every data file."""
+def _shard_files(fs: AbstractFileSystem, root: str, url: str,
+                 storage_options: Mapping[str, Any] | None) -> dict[str, str | None]:
+    """The data files of a folder, each with its recorded sha256: the committed shards when it has
+    a manifest, else every data file (with None: nothing vouches for them)."""
     ledger = Ledger(url, storage_options)
     manifest = ledger.read_manifest()
     if manifest is not None:
         _check_kind(manifest, url)
-        return [join(root, r.data_file) for r in ledger.job_records()]
+        return {join(root, r.data_file): r.sha256 for r in ledger.job_records()}
     fs.invalidate_cache(root)
     try:
         entries = fs.ls(root, detail=True)
@@ -310,7 +325,7 @@ def _shard_files(fs: AbstractFileSystem, root: str, url: str, storage_options: M
     files = sorted(e["name"] for e in entries if e["type"] == "file"
                    and not is_reserved(posixpath.basename(e["name"])) and _format_of(e["name"]))
     logger.info("%s has no latentcache manifest; reading all %d data files", url, len(files))
-    return files
+    return dict.fromkeys(files)
 
 
 def shard_urls(url: str | Sequence[str], storage_options: Mapping[str, Any] | None = None) -> list[str]:
@@ -320,7 +335,7 @@ def shard_urls(url: str | Sequence[str], storage_options: Mapping[str, Any] | No
     if not isinstance(url, str):
         return [u for one in url for u in shard_urls(one, storage_options)]
     fs, path = output_fs(url, storage_options)
-    files = [path] if _format_of(path) else _shard_files(fs, path, url, storage_options)
+    files = [path] if _format_of(path) else list(_shard_files(fs, path, url, storage_options))
     return [fs.unstrip_protocol(f) if "://" in url else f for f in files]
 
 
@@ -358,15 +373,9 @@ def read_latents(url: str, storage_options: Mapping[str, Any] | None = None, *,
     """Yield (key, latent (C, h, w), meta) for one shard file or every committed shard of a folder."""
     fs, path = output_fs(url, storage_options)
     if _format_of(path):
-        files: dict[str, str | None] = {path: None if path.endswith(".parquet") else _recorded_sha256(fs, path)}
+        files = {path: None if path.endswith(".parquet") else _recorded_sha256(fs, path)}
     else:
-        ledger = Ledger(url, storage_options)
-        manifest = ledger.read_manifest()
-        if manifest is not None:
-            _check_kind(manifest, url)
-            files = {join(path, r.data_file): r.sha256 for r in ledger.job_records()}
-        else:
-            files = dict.fromkeys(_shard_files(fs, path, url, storage_options))
+        files = _shard_files(fs, path, url, storage_options)
     for file, sha256 in files.items():
         name, _, ext = posixpath.basename(file).rpartition(".")
         if _EXTENSIONS[ext] == "parquet":  # page checksums: pyarrow verifies them as it reads
@@ -375,5 +384,5 @@ def read_latents(url: str, storage_options: Mapping[str, Any] | None = None, *,
             yield from _read_safetensors(fs, file, name, with_logvar, sha256)
 
 
-__all__ = ["CorruptShardError", "expand_latent_inputs", "is_shard_file", "read_latents", "read_shard_metadata",
+__all__ = ["MAX_SAFETENSORS_HEADER", "parse_safetensors_header", "CorruptShardError", "expand_latent_inputs", "is_shard_file", "read_latents", "read_shard_metadata",
            "shard_keys", "shard_urls"]
