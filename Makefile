@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.latentcache-installed
 
-.PHONY: setup setup-browser demo demo-vae test test-fast test-chaos bench bench-pipeline bench-memory clean
+.PHONY: setup setup-browser demo demo-vae test test-fast test-chaos test-cluster bench bench-pipeline bench-memory clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,11 @@ test-fast: setup setup-browser
 # The long fault-injection runs (actor kills, node loss, driver kills, object-store faults); RELIABILITY.md.
 test-chaos: setup
 	$(PY) -m pytest -q -m chaos
+
+# Real Ray clusters: a head started with token authentication and jobs submitted to it through
+# `latentcache submit`, and multi-node clusters whose pool grows as nodes join (a few minutes).
+test-cluster: setup
+	$(PY) -m pytest -q -m cluster
 
 bench: setup
 	$(PY) bench/bench_codec.py

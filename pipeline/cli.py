@@ -8,7 +8,7 @@ import sys
 from typing import Any, Sequence
 
 from . import __version__
-from .config import RunConfig, apply_overrides, from_dict, load_yaml
+from .config import RunConfig, apply_overrides, from_dict, load_yaml, parse_sets
 
 # Flags every job kind has -> config key; a flag left unset keeps the YAML's (or the default) value.
 _RUN_FLAGS = {"input": "input", "output": "output", "actors": "actors", "overwrite": "overwrite",
@@ -21,13 +21,7 @@ def config_from_args(kind: Any, args: argparse.Namespace) -> RunConfig:
     table = {**_RUN_FLAGS, **kind.flags}
     flags = {key: getattr(args, flag) for flag, key in table.items() if getattr(args, flag, None) is not None}
     data = apply_overrides(data, flags)
-    sets = {}
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {item!r}: expected key=value, e.g. --set preprocess.resolution=1024")
-        sets[key] = value
-    return from_dict(kind.config_type, apply_overrides(data, sets))
+    return from_dict(kind.config_type, apply_overrides(data, parse_sets(args.set)))
 
 
 def _add_run_flags(p: argparse.ArgumentParser, kind: Any) -> None:
@@ -49,21 +43,132 @@ def _add_run_flags(p: argparse.ArgumentParser, kind: Any) -> None:
 
 
 def _cmd_job(args: argparse.Namespace) -> int:
+    return _run(args.kind, config_from_args(args.kind, args), args.address, not args.no_progress)
+
+
+def _run(kind: Any, cfg: RunConfig, address: str | None, progress: bool) -> int:
     from .core.runner import run_job
 
-    cfg = config_from_args(args.kind, args)
-    s = run_job(args.kind, cfg, ray_address=args.address, progress=not args.no_progress)
-    extra = args.kind.describe_summary(s.counters)
+    s = run_job(kind, cfg, ray_address=address, progress=progress)
+    extra = kind.describe_summary(s.counters)
     if s.result.get("report"):
         print(f"report: {s.result['report']}")
     print(f"done: {s.samples_written} samples written, {s.samples_errored} errored, "
           f"{s.processed_shards} shard(s) processed and {s.skipped_shards} already committed, "
           f"{s.steady_images_per_second:.1f} img/s once the model was loaded "
           f"({s.images_per_second:.1f} img/s overall){'; ' + extra if extra else ''} -> {s.output}")
-    failed = args.kind.verdict(cfg, s)
+    failed = kind.verdict(cfg, s)
     if failed:
-        print(f"latentcache: {args.kind.name} gate failed: {failed}", file=sys.stderr)
+        print(f"latentcache: {kind.name} gate failed: {failed}", file=sys.stderr)
         return 3
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from .config import ConfigError
+    from .jobs import get_kind
+    from .spec import load_spec, spec_from_dict
+
+    sets = parse_sets(args.set)
+    if args.spec_env:
+        text = os.environ.get(args.spec_env)
+        if not text:
+            raise ConfigError(f"--spec-env {args.spec_env}: that environment variable is not set")
+        spec = spec_from_dict(json.loads(text), sets, source=f"${args.spec_env}")
+    elif args.spec:
+        spec = load_spec(args.spec, sets)
+    else:
+        raise ConfigError("run: expected a job spec file, e.g. latentcache run jobs/encode.yaml")
+    return _run(get_kind(spec.kind), spec.config, args.address, not args.no_progress)
+
+
+def _quiet_ray_client(verbose: bool) -> None:
+    """Ray's client logs each packaging step and a warning per default-excluded folder at INFO and
+    WARNING; a person submitting a job needs its id and its logs."""
+    if not verbose:
+        logging.getLogger("ray").setLevel(logging.ERROR)
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from .cluster import build_submission, connect, submit
+    from .config import ConfigError
+    from .spec import load_spec
+
+    _quiet_ray_client(args.verbose)
+
+    spec = load_spec(args.spec, parse_sets(args.set))  # a typo fails here, not on the cluster
+    env = {}
+    for item in args.env or []:
+        name, sep, value = item.partition("=")
+        if not sep:
+            import os
+
+            if name not in os.environ:
+                raise ConfigError(f"--env {name}: not set in this shell; give NAME=VALUE or export it")
+            value = os.environ[name]
+        env[name] = value
+    submission = build_submission(spec, working_dir=args.working_dir, pip=args.pip or (), env=env)
+    for url in (*spec.config.input, spec.config.output):
+        if "://" not in url:
+            print(f"note: {url} is a local path: the cluster's nodes must see it at that path", file=sys.stderr)
+    client = connect(args.address)
+    job_id = submit(client, submission)
+    print(f"submitted {spec.kind} job {job_id} to {client.get_address()}")
+    if not args.follow:
+        print(f"follow it: latentcache jobs logs {job_id} --follow; stop it: latentcache jobs stop {job_id}")
+        return 0
+    return _follow(client, job_id)
+
+
+def _follow(client: Any, job_id: str) -> int:
+    """Stream a job's logs until it ends; 0 only when it succeeded."""
+    from .cluster import failure_reason, follow_logs, status_name, wait_until_done
+
+    try:
+        follow_logs(client, job_id, sys.stdout)
+        info = wait_until_done(client, job_id)
+    except KeyboardInterrupt:
+        print(f"\nstopped following; the job goes on. latentcache jobs logs {job_id} --follow / "
+              f"latentcache jobs stop {job_id}", file=sys.stderr)
+        return 130
+    status = status_name(info)
+    if status == "SUCCEEDED":
+        print(f"job {job_id} succeeded")
+        return 0
+    print(f"latentcache: job {job_id} {status.lower()}: {failure_reason(client, job_id, info)}", file=sys.stderr)
+    return 1
+
+
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    from .cluster import connect, format_rows, job_info, list_rows, status_name
+
+    _quiet_ray_client(args.verbose)
+    client = connect(args.address)
+    if args.action == "list":
+        print(format_rows(list_rows(client)))
+        return 0
+    if args.action == "status":
+        info = job_info(client, args.id)
+        meta = info.metadata or {}
+        print(f"{args.id}: {status_name(info)}")
+        for label, value in (("job", meta.get("job")), ("output", meta.get("output")), ("spec", meta.get("spec")),
+                             ("message", " ".join((info.message or "").split()))):
+            if value:
+                print(f"  {label}: {value}")
+        return 1 if status_name(info) in ("FAILED", "STOPPED") else 0
+    if args.action == "logs":
+        if args.follow:
+            return _follow(client, args.id)
+        job_info(client, args.id)  # an unknown id is one clear line
+        print(client.get_job_logs(args.id), end="")
+        return 0
+    job_info(client, args.id)
+    stopped = client.stop_job(args.id)
+    print(f"{args.id}: {'stop requested' if stopped else 'had already ended'}; submitting the same spec again "
+          "resumes it (committed shards are kept)")
     return 0
 
 
@@ -118,6 +223,43 @@ def build_parser() -> argparse.ArgumentParser:
         _add_run_flags(p, kind)
         p.set_defaults(func=_cmd_job, kind=kind)
 
+    rn = sub.add_parser("run", help="run a job spec (a config YAML with `job: encode | decode | audit`) here, "
+                                    "or on the Ray cluster this machine belongs to (--address auto)")
+    rn.add_argument("spec", nargs="?", help="the job spec file, e.g. jobs/encode.yaml")
+    rn.add_argument("--spec-env", help=argparse.SUPPRESS)  # what `submit` runs on the cluster
+    rn.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any spec field (repeatable)")
+    rn.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
+    rn.add_argument("--no-progress", action="store_true", help="no progress bar")
+    rn.set_defaults(func=_cmd_run)
+
+    sb = sub.add_parser("submit", help="check a job spec here and run it on a Ray cluster (Ray's job API)")
+    sb.add_argument("spec", help="the job spec file, e.g. jobs/encode.yaml")
+    sb.add_argument("--address", default=None,
+                    help="the cluster's dashboard, e.g. http://HEAD:8265 (default: RAY_ADDRESS)")
+    sb.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any spec field (repeatable)")
+    sb.add_argument("--follow", action="store_true", help="stream the job's logs; exit 0 only if it succeeds")
+    sb.add_argument("--working-dir", help="the latentcache checkout to ship (default: this one, when it runs "
+                                          "from a checkout; else latentcache==VERSION from pip)")
+    sb.add_argument("--pip", action="append", metavar="REQUIREMENT",
+                    help="install these on the cluster instead of shipping a checkout (repeatable)")
+    sb.add_argument("--env", action="append", metavar="NAME[=VALUE]",
+                    help="an environment value for the job (never a credential; repeatable). AWS_ENDPOINT_URL "
+                         "and AWS_REGION travel when set")
+    sb.set_defaults(func=_cmd_submit)
+
+    jb = sub.add_parser("jobs", help="the jobs of a Ray cluster: list, status ID, logs ID [--follow], stop ID")
+    jsub = jb.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for action, text in (("list", "every job the cluster knows, newest first"), ("status", "one job's status"),
+                         ("logs", "one job's logs"), ("stop", "stop a job (a later submit resumes it)")):
+        a = jsub.add_parser(action, help=text)
+        if action != "list":
+            a.add_argument("id", help="the job's submission id (`latentcache jobs list`)")
+        if action == "logs":
+            a.add_argument("--follow", action="store_true", help="stream until the job ends; exit 0 only if it "
+                                                                 "succeeded")
+        a.add_argument("--address", default=None, help="the cluster's dashboard (default: RAY_ADDRESS)")
+        a.set_defaults(func=_cmd_jobs)
+
     st = sub.add_parser("status", help="progress of a job, read from its output folder")
     st.add_argument("output", help="the job's output folder (local path or URL)")
     st.set_defaults(func=_cmd_status)
@@ -160,11 +302,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .core.lock import LockError
     from .io.tar_reader import ShardReadError
     from .io.shards import DuplicateShardNameError, ShardListingError
+    from .cluster import ClusterError
 
     try:
         return args.func(args)
     except (ConfigError, JobError, PlanError, LedgerError, ShardListingError, DuplicateShardNameError,
-            ShardReadError, WeightsError, LockError) as e:
+            ShardReadError, WeightsError, LockError, ClusterError) as e:
         # Errors about the user's inputs: the message names the thing; a traceback adds nothing.
         print(f"latentcache: error: {e}", file=sys.stderr)
         return 1

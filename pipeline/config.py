@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Sequence
 
 import yaml
 
@@ -138,6 +138,54 @@ class RetryConfig:
                f"retry.actor_start_timeout_s={self.actor_start_timeout_s} must be positive")
 
 
+@dataclass(frozen=True)
+class ResourcesConfig:
+    """What each actor asks Ray for, and how the pool follows the cluster.
+
+    num_gpus: GPUs per actor. Unset: 1 where the cluster has GPUs (or `vae.device` is cuda) and the
+      job wants them, else 0. Set it (1 for one model per GPU) on an autoscaling cluster, so that a
+      job started before its GPU nodes are up waits for them instead of running on CPU.
+    num_cpus: CPUs per actor (its image-decode threads run on them). Unset: 1 beside a GPU; on CPU,
+      the cluster's CPUs shared by the actors.
+    memory_gb: memory per actor that Ray reserves when it places it (unset: none reserved).
+    custom: custom Ray resources per actor, e.g. {accelerator_type:A100: 0.001} or a node label's resource.
+    max_actors: the pool grows up to this many actors as nodes where they fit join (unset: `actors`
+      when that is set, else as many as fit, up to one per shard still to do).
+    wait_for_nodes_s: how long to wait for a node where one actor fits when the cluster has none
+      (autoscaling clusters); 0 fails at once, naming what was asked and the largest node.
+    autoscale: ask Ray's autoscaler for nodes for up to `max_actors` actors
+      (ray.autoscaler.sdk.request_resources), released when the job ends.
+    rescale_interval_s: how often the driver looks at the cluster's nodes to grow or shrink the pool.
+    """
+
+    num_gpus: float | None = None
+    num_cpus: float | None = None
+    memory_gb: float | None = None
+    custom: Mapping[str, float] = field(default_factory=dict)
+    max_actors: int | None = None
+    wait_for_nodes_s: float = 0.0
+    autoscale: bool = False
+    rescale_interval_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("num_gpus", "num_cpus", "memory_gb"):
+            value = getattr(self, name)
+            _check(value is None or value >= 0, f"resources.{name}={value} must be >= 0 (or unset)")
+        _check(self.num_cpus is None or self.num_cpus > 0 or (self.num_gpus or 0) > 0,
+               "resources.num_cpus=0 needs resources.num_gpus > 0: an actor must ask Ray for something")
+        bad = {k: v for k, v in dict(self.custom).items()
+               if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0}
+        _check(not bad, f"resources.custom={dict(self.custom)}: {bad} are not positive amounts of named resources")
+        _check(not ({"CPU", "GPU", "memory"} & set(self.custom)),
+               "resources.custom must not name CPU, GPU or memory; use num_cpus, num_gpus and memory_gb")
+        _check(self.max_actors is None or self.max_actors >= 1,
+               f"resources.max_actors={self.max_actors} must be >= 1 (or unset)")
+        _check(self.wait_for_nodes_s >= 0, f"resources.wait_for_nodes_s={self.wait_for_nodes_s} must be >= 0")
+        _check(self.rescale_interval_s > 0,
+               f"resources.rescale_interval_s={self.rescale_interval_s} must be positive")
+        object.__setattr__(self, "custom", {k: float(v) for k, v in dict(self.custom).items()})
+
+
 def _as_tuple(cfg: Any, name: str) -> None:
     value = getattr(cfg, name)
     object.__setattr__(cfg, name, (value,) if isinstance(value, str) else tuple(value))
@@ -153,7 +201,9 @@ class RunConfig:
     input: tuple[str, ...] = ()
     output: str = ""
     retry: RetryConfig = field(default_factory=RetryConfig)
+    # How many actors to start (and, unless resources.max_actors says more, the most); unset: as many as fit.
     actors: int | None = None
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     max_error_rate: float = 0.05
     min_samples_for_error_rate: int = 100
     overwrite: bool = False
@@ -169,6 +219,8 @@ class RunConfig:
         _check(len(self.input) > 0, "input must name at least one shard URL, glob or folder")
         _check(bool(self.output), "output must name the output folder (local path or URL)")
         _check(self.actors is None or self.actors >= 1, f"actors={self.actors} must be >= 1 (or unset)")
+        _check(self.actors is None or self.resources.max_actors is None or self.actors <= self.resources.max_actors,
+               f"actors={self.actors} is more than resources.max_actors={self.resources.max_actors}")
         _check(0.0 <= self.max_error_rate <= 1.0, f"max_error_rate={self.max_error_rate} must be in [0, 1]")
         _check(self.min_samples_for_error_rate >= 0,
                f"min_samples_for_error_rate={self.min_samples_for_error_rate} must be >= 0")
@@ -356,6 +408,17 @@ def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any]) -> dict[
             node = child
         node[parts[-1]] = yaml.safe_load(value) if isinstance(value, str) else value
     return result
+
+
+def parse_sets(items: Sequence[str] | None) -> dict[str, str]:
+    """`--set key=value` items -> {dotted key: YAML scalar text}; raises ConfigError on a malformed one."""
+    sets: dict[str, str] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set preprocess.resolution=1024")
+        sets[key.strip()] = value
+    return sets
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -13,12 +13,14 @@ import pytest
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 
-    # The chaos suite runs only when asked for by marker (`make test-chaos`: -m chaos).
-    if "chaos" not in (config.getoption("markexpr") or ""):
-        chaos = [item for item in items if "chaos" in item.keywords]
-        if chaos:
-            config.hook.pytest_deselected(items=chaos)
-            items[:] = [item for item in items if "chaos" not in item.keywords]
+    # The chaos suite and the real-cluster suite run only when asked for by marker (`make
+    # test-chaos`: -m chaos; `make test-cluster`: -m cluster, which CI runs after the default tests).
+    for marker in ("chaos", "cluster"):
+        if marker not in (config.getoption("markexpr") or ""):
+            held = [item for item in items if marker in item.keywords]
+            if held:
+                config.hook.pytest_deselected(items=held)
+                items[:] = [item for item in items if marker not in item.keywords]
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs CUDA; none present")
@@ -85,8 +87,11 @@ def s3_bucket(s3_server: dict[str, str]) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[None]:
-    """A real local Ray cluster of our own (never an existing one), shut down after the session."""
+def ray_cluster(s3_server: dict[str, str]) -> Iterator[None]:
+    """A real local Ray cluster of our own (never an existing one), shut down after the session.
+
+    Started after the moto server, so that its workers inherit the S3 endpoint and keys as a
+    cluster node's environment would hold them (the driver forwards no credentials)."""
     import ray
 
     if ray.is_initialized():

@@ -9,6 +9,8 @@
   really began, so a task lost to an actor that was dead or restarting is not an attempt.
 - An actor that dies (SIGKILL, OOM, node loss) is restarted by Ray; the pool stops sending it
   work until it answers `describe()` again (its model reloaded), then it rejoins.
+- The runner grows the pool (`grow`) onto nodes that join, and stops actors whose node left
+  when the cluster has no room to restart them (`shrink_unplaced`); how many is placement's call.
 - A task past its timeout (counted from its start) has its actor killed (Ray restarts it); the
   actor's other tasks are marked collateral, so the runner requeues them without charging an attempt.
 """
@@ -173,6 +175,28 @@ class ActorPool:
             self.infos.append(info)
             fresh.append(info)
         return fresh
+
+    def grow(self, count: int) -> None:
+        """Start `count` more actors (nodes joined); they take work once they answer `describe()`."""
+        for _ in range(count):
+            self._spawn()
+        self.size += count
+
+    def shrink_unplaced(self, count: int) -> int:
+        """Stop up to `count` actors that are not ready and hold no task (their node left, and the
+        cluster has no room to restart them): newest first, not counted as start failures.
+        Returns how many were stopped."""
+        import ray
+
+        idle = [a for a in reversed(self.actors) if not a.ready and a.load == 0][:max(0, count)]
+        if len(idle) == len(self.actors):
+            idle = idle[:-1]  # keep one, waiting: the job goes on when a node comes back
+        for actor in idle:
+            self.actors.remove(actor)
+            ray.kill(actor.handle, no_restart=True)
+            log.info("actor %d stopped: the cluster no longer has room for it", actor.number)
+        self.size -= len(idle)
+        return len(idle)
 
     def _start_failed(self, actor: _Actor, message: str) -> None:
         import ray

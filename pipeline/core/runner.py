@@ -22,14 +22,18 @@ from pipeline.core.scheduler import Scheduler, ShardResult, error_rate_message, 
 from pipeline.core.shard import JobActor
 from pipeline.core.ledger import Ledger, ShardRecord, build_manifest
 from pipeline.core.lock import JobLock
+from pipeline.core.placement import (ActorDemand, actor_demand, actors_that_fit, cluster_nodes, infeasible_message,
+                                     max_actors, request_nodes, target_actors)
 from pipeline.core.storage import output_fs
 
 log = logging.getLogger(__name__)
 
-# Forwarded to actors so that workers reach the same object store as the driver.
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                 "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "HF_HUB_OFFLINE",
-                 "HF_HOME", "HF_HUB_CACHE")
+# Forwarded to actors so that workers reach the same object store as the driver. Never secrets:
+# runtime_env values are shown by Ray's dashboard and job API to anyone who can read them. Keys
+# come from where the nodes already have them (instance roles, Kubernetes secrets, the nodes'
+# environment or credentials file); a local Ray started by the driver inherits its environment.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
+                 "HF_HUB_OFFLINE", "HF_HOME", "HF_HUB_CACHE")
 
 # Shards in flight per actor: the next shard's reading and decoding overlap this one's model steps.
 SHARDS_PER_ACTOR = 2
@@ -76,25 +80,6 @@ class JobSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "counters": dict(self.counters), "result": dict(self.result)}
-
-
-def actor_resources(requested: int | None, wants_gpu: bool) -> tuple[int, dict[str, float], str]:
-    """How many actors, what each asks Ray for, and their device: one GPU each where the cluster
-    has GPUs (and the job wants them), else a share of the CPUs (fractional, so asking for more
-    actors than cores never waits forever)."""
-    import ray
-
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    if wants_gpu and gpus > 0:
-        n = requested or gpus
-        if n > gpus:
-            log.warning("%d actors asked for but the cluster has %d GPU(s); using %d", n, gpus, gpus)
-            n = gpus
-        return n, {"num_gpus": 1, "num_cpus": 1}, "cuda"
-    cpus = float(resources.get("CPU", 1))
-    n = requested or 1
-    return n, {"num_cpus": max(0.01, cpus / n) if n > cpus else float(int(cpus // n))}, "cpu"
 
 
 def _ensure_ray(address: str | None) -> bool:
@@ -168,16 +153,16 @@ def _finished(kind: JobKind, cfg: RunConfig, job: JobPlan, t0: float, random_wei
                       result=dict(last_run.get("result") or {}))
 
 
-def _start_pool(kind: JobKind, cfg: RunConfig, job: JobPlan, n_actors: int, resources: dict[str, float],
-                n_shards: int, guard: Mapping[str, Any]) -> ActorPool:
+def _start_pool(kind: JobKind, cfg: RunConfig, job: JobPlan, n_actors: int, demand: ActorDemand,
+                guard: Mapping[str, Any]) -> ActorPool:
     import ray
 
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     remote = ray.remote(JobActor).options(
         max_concurrency=SHARDS_PER_ACTOR,
         max_restarts=-1, max_task_retries=0,  # retries are the scheduler's decision, not Ray's
-        runtime_env={"env_vars": env} if env else None, **resources)
-    pool = ActorPool(lambda: remote.remote(kind.name, cfg, job, dict(guard)), size=min(n_actors, n_shards),
+        runtime_env={"env_vars": env} if env else None, **demand.ray_options())
+    pool = ActorPool(lambda: remote.remote(kind.name, cfg, job, dict(guard)), size=n_actors,
                      slots=SHARDS_PER_ACTOR, startup_timeout_s=cfg.retry.actor_start_timeout_s)
     try:
         pool.start()
@@ -185,6 +170,55 @@ def _start_pool(kind: JobKind, cfg: RunConfig, job: JobPlan, n_actors: int, reso
         pool.shutdown()
         raise JobError(f"the {kind.name} actors could not start: {e}") from e
     return pool
+
+
+def _plan_demand(kind: JobKind, cfg: RunConfig, connected: bool) -> ActorDemand:
+    """What each actor asks for, from the config and the cluster as it is now."""
+    nodes = cluster_nodes()
+    demand = actor_demand(cfg.resources, requested=cfg.actors, wants_gpu=kind.wants_gpu(cfg),
+                          force_gpu=kind.needs_gpu(cfg), nodes=nodes)
+    if demand.device == "cpu" and kind.wants_gpu(cfg) and connected:
+        log.warning("the cluster has no GPU now, so the %s actors run on CPU in float32; on an autoscaling "
+                    "cluster set resources.num_gpus=1 to wait for GPU nodes instead", kind.name)
+    return demand
+
+
+def _wait_for_room(cfg: RunConfig, demand: ActorDemand) -> int:
+    """How many actors fit the cluster; waits up to resources.wait_for_nodes_s for the first room
+    (an autoscaling cluster launching a node), else raises JobError saying why none fits."""
+    deadline = time.monotonic() + cfg.resources.wait_for_nodes_s
+    next_note = 0.0
+    while True:
+        nodes = cluster_nodes()
+        fit = actors_that_fit(nodes, demand)
+        now = time.monotonic()
+        if fit > 0:
+            return fit
+        if now >= deadline:
+            waited = f" after waiting {cfg.resources.wait_for_nodes_s:.0f} s" if cfg.resources.wait_for_nodes_s else ""
+            raise JobError(f"{infeasible_message(demand, nodes)}{waited}")
+        if now >= next_note:
+            log.info("waiting up to %.0f s more for a node with room for one actor (%s)", deadline - now,
+                     demand.describe())
+            next_note = now + 30.0
+        time.sleep(min(2.0, max(0.0, deadline - now)))
+
+
+def _rescale(pool: ActorPool, cfg: RunConfig, demand: ActorDemand, work: int) -> None:
+    """Grow the pool onto nodes that joined (up to the cap and the shards left); stop actors
+    that lost their node when the cluster has no room to restart them."""
+    fit = actors_that_fit(cluster_nodes(), demand)
+    target = target_actors(cfg.resources, cfg.actors, fit, work)
+    have = len(pool.actors)
+    if target > have:
+        log.info("the cluster has room for %d actor(s) now; growing the pool from %d to %d", fit, have, target)
+        pool.grow(target - have)
+    elif fit < have:
+        pool.shrink_unplaced(have - fit)
+
+
+def _note_ready(info: Mapping[str, Any]) -> None:
+    log.info("actor ready on node %s (pid %s)", info.get("node", "?"), info.get("pid", "?"))
 
 
 def _check_actor(kind: JobKind, job: JobPlan, info: Mapping[str, Any]) -> None:
@@ -209,19 +243,29 @@ def run_job(kind: JobKind | str, cfg: RunConfig, *, ray_address: str | None = No
     inputs = kind.inputs(cfg)  # a typo in an input fails here, before Ray starts
     started_ray = _ensure_ray(ray_address)
     try:
-        n_actors, resources, device = actor_resources(cfg.actors, kind.wants_gpu(cfg))
-        job = kind.plan(cfg, inputs, PlanContext(device=device))
+        demand = _plan_demand(kind, cfg, connected=not started_ray)
+        job = kind.plan(cfg, inputs, PlanContext(device=demand.device))
         random_weights = bool(job.provenance.get("vae_random_weights", False))
         finished = None if cfg.overwrite else _finished(kind, cfg, job, t0, random_weights)
         if finished is not None:
             return finished
-        lock = JobLock(*output_fs(cfg.output, cfg.storage_options), command=kind.name)
-        lock.acquire(break_lock=cfg.break_lock)  # before anything is written: one driver per folder
-        lock.start_heartbeat()
+        requested_nodes = False
         try:
-            return _run_locked(kind, cfg, job, lock, n_actors, resources, random_weights, t0, progress, on_result)
+            if cfg.resources.autoscale:
+                cap = max_actors(cfg.resources, cfg.actors)
+                request_nodes(demand, len(job.inputs) if cap is None else min(cap, len(job.inputs)))
+                requested_nodes = True
+            _wait_for_room(cfg, demand)  # an actor no node can hold is refused before the output is touched
+            lock = JobLock(*output_fs(cfg.output, cfg.storage_options), command=kind.name)
+            lock.acquire(break_lock=cfg.break_lock)  # before anything is written: one driver per folder
+            lock.start_heartbeat()
+            try:
+                return _run_locked(kind, cfg, job, lock, demand, random_weights, t0, progress, on_result)
+            finally:
+                lock.release()
         finally:
-            lock.release()
+            if requested_nodes:
+                request_nodes(demand, 0)  # the autoscaler may let the nodes go
     finally:
         if started_ray:
             import ray
@@ -229,8 +273,8 @@ def run_job(kind: JobKind | str, cfg: RunConfig, *, ray_address: str | None = No
             ray.shutdown()
 
 
-def _run_locked(kind: JobKind, cfg: RunConfig, job: JobPlan, lock: JobLock, n_actors: int,
-                resources: dict[str, float], random_weights: bool, t0: float, progress: bool,
+def _run_locked(kind: JobKind, cfg: RunConfig, job: JobPlan, lock: JobLock, demand: ActorDemand,
+                random_weights: bool, t0: float, progress: bool,
                 on_result: Callable[[ShardResult], None] | None) -> JobSummary:
     """The job, once this driver holds the output's lock."""
     pool: ActorPool | None = None
@@ -245,13 +289,19 @@ def _run_locked(kind: JobKind, cfg: RunConfig, job: JobPlan, lock: JobLock, n_ac
         restarts = 0
         try:
             if todo:
-                pool = _start_pool(kind, cfg, job, n_actors, resources, len(todo), lock.guard())
+                fit = _wait_for_room(cfg, demand)
+                n_actors = target_actors(cfg.resources, cfg.actors, fit, len(todo))
+                if cfg.actors is not None and n_actors < min(cfg.actors, len(todo)):
+                    log.warning("%d actors asked for, but the cluster has room for %d now (%s each); starting "
+                                "%d, more as nodes join", cfg.actors, fit, demand.describe(), n_actors)
+                pool = _start_pool(kind, cfg, job, n_actors, demand, lock.guard())
                 for info in pool.infos:
                     _check_actor(kind, job, info)
+                    _note_ready(info)
                 log.info("%d actor(s) starting; first ready: %s", len(pool.actors), pool.infos[0]["summary"])
                 t_ready = time.monotonic()
                 _run_loop(kind, cfg, job, pool, sched, _Progress(len(job.inputs), len(committed), progress),
-                          on_result, lock)
+                          on_result, lock, demand)
                 restarts = pool.restarts
                 pool.shutdown()  # no task is in flight now; an actor killed mid-write left its temp file
                 pool = None
@@ -297,13 +347,19 @@ def _check_lock(lock: JobLock, *, fresh: bool = True) -> None:
 
 
 def _run_loop(kind: JobKind, cfg: RunConfig, job: JobPlan, pool: ActorPool, sched: Scheduler,
-              bar: _Progress, on_result: Callable[[ShardResult], None] | None, lock: JobLock) -> None:
+              bar: _Progress, on_result: Callable[[ShardResult], None] | None, lock: JobLock,
+              demand: ActorDemand) -> None:
+    next_rescale = time.monotonic() + cfg.resources.rescale_interval_s
     try:
         while not sched.finished:
             _check_lock(lock, fresh=False)  # the heartbeat thread looks every interval
             now = time.monotonic()
+            if now >= next_rescale:
+                _rescale(pool, cfg, demand, sched.remaining)
+                next_rescale = now + cfg.resources.rescale_interval_s
             for info in pool.poll_starting():
                 _check_actor(kind, job, info)
+                _note_ready(info)
             while pool.free_slots() > 0:
                 task = sched.next_task(now)
                 if task is None:
@@ -349,4 +405,4 @@ def _run_loop(kind: JobKind, cfg: RunConfig, job: JobPlan, pool: ActorPool, sche
         bar.close()
 
 
-__all__ = ["JobError", "JobSummary", "run_job", "actor_resources", "FORWARDED_ENV", "SHARDS_PER_ACTOR"]
+__all__ = ["JobError", "JobSummary", "run_job", "FORWARDED_ENV", "SHARDS_PER_ACTOR"]

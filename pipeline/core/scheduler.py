@@ -133,6 +133,11 @@ class Scheduler:
     def finished(self) -> bool:
         return not self._queue and not self.running
 
+    @property
+    def remaining(self) -> int:
+        """Shards queued or running: the most actors that could have work."""
+        return len(self._queue) + len(self.running)
+
     def totals(self) -> tuple[int, int, int]:
         """(read, written, errored) over the shards done in this run."""
         r = self.done.values()

@@ -486,6 +486,9 @@ class AuditJob(JobKind):
     def wants_gpu(self, cfg: AuditConfig) -> bool:  # type: ignore[override]
         return cfg.vae.device != "cpu"
 
+    def needs_gpu(self, cfg: AuditConfig) -> bool:  # type: ignore[override]
+        return cfg.vae.device.startswith("cuda")
+
     @staticmethod
     def _sources(cfg: AuditConfig, inputs: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
         """Latent shard name -> source shard URL, and -> the latents' output folder (for its errors)."""

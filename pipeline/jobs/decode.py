@@ -260,6 +260,9 @@ class DecodeJob(JobKind):
     def wants_gpu(self, cfg: DecodeConfig) -> bool:  # type: ignore[override]
         return cfg.vae.device != "cpu"
 
+    def needs_gpu(self, cfg: DecodeConfig) -> bool:  # type: ignore[override]
+        return cfg.vae.device.startswith("cuda")
+
     def plan(self, cfg: DecodeConfig, inputs: Mapping[str, str], ctx: PlanContext) -> JobPlan:  # type: ignore[override]
         vae, info, vae_part, _, latents_hash = plan_latents_vae(cfg, list(inputs.values()), ctx)
         identity: dict[str, Any] = {"kind": self.name, **vae_part, "image_format": cfg.image_format,

@@ -195,6 +195,9 @@ class EncodeJob(JobKind):
     def wants_gpu(self, cfg: EncodeConfig) -> bool:  # type: ignore[override]
         return cfg.vae.device != "cpu"
 
+    def needs_gpu(self, cfg: EncodeConfig) -> bool:  # type: ignore[override]
+        return cfg.vae.device.startswith("cuda")
+
     def plan(self, cfg: EncodeConfig, inputs: Mapping[str, str], ctx: PlanContext) -> JobPlan:  # type: ignore[override]
         info = inspect_vae(cfg.vae.source, cfg.vae.preset, seed=cfg.vae.seed, storage_options=cfg.storage_options)
         _, compute_dtype = compute_device_and_dtype(cfg.vae, ctx.device)
