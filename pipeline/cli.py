@@ -24,6 +24,44 @@ def config_from_args(kind: Any, args: argparse.Namespace) -> RunConfig:
     return from_dict(kind.config_type, apply_overrides(data, parse_sets(args.set)))
 
 
+_EXAMPLES = {
+    "encode": ["latentcache encode --input 'shards/train-{000000..000099}.tar' --output latents/ --config demo-tiny",
+               "latentcache encode --config sd15-512 --input 's3://bucket/train-*.tar' --output s3://bucket/latents "
+               "--set batch_size=32"],
+    "decode": ["latentcache decode --input latents/ --output decoded/",
+               "latentcache decode --input s3://bucket/latents --output s3://bucket/decoded --set image_format=jpg"],
+    "audit": ["latentcache audit --input latents/ --output audit/ --samples 256",
+              "latentcache audit --input s3://bucket/latents --output s3://bucket/audit --set fail_under_psnr=24"],
+    "run": ["latentcache run jobs/encode.yaml --set output=latents/",
+            "latentcache run jobs/audit.yaml --address auto"],
+    "submit": ["latentcache submit jobs/encode.yaml --address http://head:8265 --follow",
+               "RAY_ADDRESS=http://head:8265 latentcache submit jobs/decode.yaml --set resources.max_actors=8"],
+    "status": ["latentcache status latents/", "latentcache status s3://bucket/latents --json | jq .state"],
+    "verify": ["latentcache verify latents/ --source 'shards/*.tar'", "latentcache verify s3://bucket/latents --checksums"],
+}
+
+
+def _examples(command: str) -> str:
+    lines = _EXAMPLES.get(command)
+    return ("\n\nexamples:\n" + "\n".join(f"  {line}" for line in lines)) if lines else ""
+
+
+def _with_defaults(p: argparse.ArgumentParser, kind: Any) -> None:
+    """Each flag that sets a config field says that field's default (flags default to unset, so
+    that a YAML file's value is kept)."""
+    from .config import config_default
+
+    table = {**_RUN_FLAGS, **kind.flags}
+    for action in p._actions:
+        key = table.get(action.dest)
+        if key is None or action.help == argparse.SUPPRESS or "default" in (action.help or ""):
+            continue
+        default = config_default(kind.config_type, key)
+        if default is None or default in ((), "", False):
+            continue
+        action.help = f"{action.help} (default: {default})" if action.help else f"default: {default}"
+
+
 def _add_run_flags(p: argparse.ArgumentParser, kind: Any) -> None:
     p.add_argument("--input", nargs="+", help=kind.input_help)
     p.add_argument("--output", help="output folder (local path or fsspec URL)")
@@ -39,24 +77,35 @@ def _add_run_flags(p: argparse.ArgumentParser, kind: Any) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override any config field, e.g. retry.max_attempts=5 (repeatable)")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_progress_flags(p)
+
+
+def _add_progress_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar on a terminal (the plain progress lines of a non-terminal remain)")
+    p.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
+                   help="seconds between plain progress lines when stderr is not a terminal (default: 30)")
 
 
 def _cmd_job(args: argparse.Namespace) -> int:
-    return _run(args.kind, config_from_args(args.kind, args), args.address, not args.no_progress)
+    return _run(args.kind, config_from_args(args.kind, args), args)
 
 
-def _run(kind: Any, cfg: RunConfig, address: str | None, progress: bool) -> int:
+def _run(kind: Any, cfg: RunConfig, args: argparse.Namespace) -> int:
     from .core.runner import run_job
 
-    s = run_job(kind, cfg, ray_address=address, progress=progress)
+    s = run_job(kind, cfg, ray_address=args.address, progress=not args.no_progress,
+                progress_every_s=args.progress_every)
     extra = kind.describe_summary(s.counters)
     if s.result.get("report"):
         print(f"report: {s.result['report']}")
-    print(f"done: {s.samples_written} samples written, {s.samples_errored} errored, "
-          f"{s.processed_shards} shard(s) processed and {s.skipped_shards} already committed, "
-          f"{s.steady_images_per_second:.1f} img/s once the model was loaded "
-          f"({s.images_per_second:.1f} img/s overall){'; ' + extra if extra else ''} -> {s.output}")
+    if s.processed_shards == 0 and s.skipped_shards == s.total_shards and s.total_shards:
+        print(f"complete: {s.output} holds this {kind.name} job finished ({s.total_shards} shards); nothing to do")
+    else:
+        print(f"done: {s.samples_written} samples written, {s.samples_errored} errored, "
+              f"{s.processed_shards} shard(s) processed and {s.skipped_shards} already committed, "
+              f"{s.steady_images_per_second:.1f} img/s once the model was loaded "
+              f"({s.images_per_second:.1f} img/s overall){'; ' + extra if extra else ''} -> {s.output}")
     failed = kind.verdict(cfg, s)
     if failed:
         print(f"latentcache: {kind.name} gate failed: {failed}", file=sys.stderr)
@@ -82,7 +131,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         spec = load_spec(args.spec, sets)
     else:
         raise ConfigError("run: expected a job spec file, e.g. latentcache run jobs/encode.yaml")
-    return _run(get_kind(spec.kind), spec.config, args.address, not args.no_progress)
+    return _run(get_kind(spec.kind), spec.config, args)
 
 
 def _quiet_ray_client(verbose: bool) -> None:
@@ -173,9 +222,21 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from .status import format_status
+    import json
 
-    print(format_status(args.output, storage_options=None))
+    from .status import EXIT_CODES, format_status, job_status
+
+    status = job_status(args.output, storage_options=None)
+    print(json.dumps(status, indent=1) if args.json else format_status(status))
+    return EXIT_CODES[status["state"]]
+
+
+def _cmd_configs(args: argparse.Namespace) -> int:
+    from .config import shipped_configs
+
+    for name, path in shipped_configs().items():
+        first = next((line.lstrip("# ").strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
+        print(f"{name:24s} {first}")
     return 0
 
 
@@ -215,24 +276,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"latentcache {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     for kind in kinds():
-        p = sub.add_parser(kind.name, help=kind.help)
+        p = sub.add_parser(kind.name, help=kind.help, epilog=_examples(kind.name).lstrip("\n"),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         kind.add_arguments(p)
         _add_run_flags(p, kind)
+        _with_defaults(p, kind)
         p.set_defaults(func=_cmd_job, kind=kind)
 
-    rn = sub.add_parser("run", help="run a job spec (a config YAML with `job: encode | decode | audit`) here, "
+    rn = sub.add_parser("run", epilog=_examples("run").lstrip("\n"),
+                        formatter_class=argparse.RawDescriptionHelpFormatter, help="run a job spec (a config YAML with `job: encode | decode | audit`) here, "
                                     "or on the Ray cluster this machine belongs to (--address auto)")
     rn.add_argument("spec", nargs="?", help="the job spec file, e.g. jobs/encode.yaml")
     rn.add_argument("--spec-env", help=argparse.SUPPRESS)  # what `submit` runs on the cluster
     rn.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any spec field (repeatable)")
     rn.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
-    rn.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_progress_flags(rn)
     rn.set_defaults(func=_cmd_run)
 
-    sb = sub.add_parser("submit", help="check a job spec here and run it on a Ray cluster (Ray's job API)")
+    sb = sub.add_parser("submit", epilog=_examples("submit").lstrip("\n"),
+                        formatter_class=argparse.RawDescriptionHelpFormatter, help="check a job spec here and run it on a Ray cluster (Ray's job API)")
     sb.add_argument("spec", help="the job spec file, e.g. jobs/encode.yaml")
     sb.add_argument("--address", default=None,
                     help="the cluster's dashboard, e.g. http://HEAD:8265 (default: RAY_ADDRESS)")
@@ -260,11 +326,19 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("--address", default=None, help="the cluster's dashboard (default: RAY_ADDRESS)")
         a.set_defaults(func=_cmd_jobs)
 
-    st = sub.add_parser("status", help="progress of a job, read from its output folder")
+    st = sub.add_parser("status", help="state and progress of a job, read from its output folder",
+                        epilog="exit status: 0 complete or running, 1 failed, 2 no job in that folder, 3 stopped "
+                               "(a rerun resumes it)" + _examples("status"),
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     st.add_argument("output", help="the job's output folder (local path or URL)")
+    st.add_argument("--json", action="store_true", help="print the status as JSON (for scripts)")
     st.set_defaults(func=_cmd_status)
 
-    vf = sub.add_parser("verify", help="check an output folder against its records; exit 1 on any violation")
+    cf = sub.add_parser("configs", help="the configs shipped with latentcache (`--config NAME` takes one by name)")
+    cf.set_defaults(func=_cmd_configs)
+
+    vf = sub.add_parser("verify", epilog=_examples("verify").lstrip("\n"),
+                        formatter_class=argparse.RawDescriptionHelpFormatter, help="check an output folder against its records; exit 1 on any violation")
     vf.add_argument("url", help="the job's output folder (local path or URL)")
     vf.add_argument("--source", nargs="+", metavar="URLS",
                     help="input shards whose every key must be written or recorded as an error")
@@ -285,7 +359,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: the same clean stop (exit status 143)."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command. Exit status: 0 done, 1 the job failed, 2 a usage or config error, 3 a gate
+    (audit) failed, 130 interrupted (143 on SIGTERM); `status` documents its own."""
+    import os
+    import signal
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -293,24 +380,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if not sys.stderr.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # no colour codes in a log file
     from vae import WeightsError
 
     from .config import ConfigError
     from .core.kind import PlanError
     from .core.runner import JobError
-    from .core.ledger import LedgerError
+    from .core.ledger import IncompatibleOutputError, LedgerError
     from .core.lock import LockError
+    from .core.preflight import PreflightError
     from .io.tar_reader import ShardReadError
     from .io.shards import DuplicateShardNameError, ShardListingError
     from .cluster import ClusterError
 
+    usage = (ConfigError, PreflightError, PlanError, ShardListingError, DuplicateShardNameError, WeightsError,
+             IncompatibleOutputError, ClusterError)
+    failed = (JobError, LedgerError, ShardReadError, LockError)
+    if threading_main():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.func(args)
-    except (ConfigError, JobError, PlanError, LedgerError, ShardListingError, DuplicateShardNameError,
-            ShardReadError, WeightsError, LockError, ClusterError) as e:
+    except (*usage, *failed) as e:
         # Errors about the user's inputs: the message names the thing; a traceback adds nothing.
+        if args.debug:
+            raise
         print(f"latentcache: error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, usage) else 1
+    except Exception as e:  # noqa: BLE001 - only credential errors are turned into a line; the rest re-raise
+        if args.debug or type(e).__name__ not in ("NoCredentialsError", "PartialCredentialsError"):
+            raise
+        print(f"latentcache: error: object storage: {e}; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or "
+              "AWS_PROFILE, use an instance role, or set storage_options", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        if args.debug:
+            raise
+        what = "terminated" if isinstance(e, Terminated) else "interrupted"
+        resume = ("; shards in flight were abandoned (none is half written), committed shards are kept: run the "
+                  "same command again to resume") if getattr(args, "kind", None) or args.func is _cmd_run else ""
+        print(f"\nlatentcache: {what}{resume}", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

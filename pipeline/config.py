@@ -421,10 +421,54 @@ def parse_sets(items: Sequence[str] | None) -> dict[str, str]:
     return sets
 
 
+def shipped_configs() -> dict[str, Path]:
+    """The configs that ship with latentcache, by name (the file name without .yaml): installed
+    as package data (`pipeline.configs`), or the checkout's `configs/` when run from one."""
+    import importlib.resources
+
+    try:
+        folder = Path(str(importlib.resources.files("pipeline.configs")))
+    except ModuleNotFoundError:
+        folder = Path(__file__).resolve().parent.parent / "configs"
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def config_default(cls: type, dotted: str) -> Any:
+    """The default of a config field named by its dotted key (None when it has none)."""
+    head, _, rest = dotted.partition(".")
+    for f in dataclasses.fields(cls):
+        if f.name != head:
+            continue
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            return None
+        if rest:
+            return config_default(type(value), rest) if dataclasses.is_dataclass(value) else None
+        return value
+    return None
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config file into a dict (validated later by `from_dict`)."""
-    text = Path(path).read_text()
-    data = yaml.safe_load(text) or {}
+    """Read a YAML config file, or a shipped config by name (`sd15-512`), into a dict (validated
+    later by `from_dict`)."""
+    p = Path(path)
+    if not p.is_file():
+        shipped = shipped_configs()
+        if str(path) in shipped:
+            p = shipped[str(path)]
+        elif p.is_dir():
+            raise ConfigError(f"--config {path}: is a folder; expected a YAML file or a shipped config name")
+        else:
+            raise ConfigError(f"--config {path}: no such file, and no shipped config of that name; shipped: "
+                              f"{sorted(shipped)} (`latentcache configs`)")
+    text = p.read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path}: not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data

@@ -32,7 +32,7 @@ def test_console_script_is_installed():
 def test_bad_config_is_a_clear_error_not_a_traceback(capsys, tmp_path):
     code = main(["encode", "--input", str(tmp_path / "x.tar"), "--output", str(tmp_path / "o"),
                  "--set", "preprocess.resolution=500"])
-    assert code == 1
+    assert code == 2  # a config error
     assert "preprocess.resolution=500 must be a multiple of 8" in capsys.readouterr().err
 
 
@@ -55,4 +55,4 @@ def test_demo_encodes_decodes_and_audits_the_bundled_photos_with_the_trained_vae
     assert summary["flags"] == {"latent_non_finite": 0, "output_non_finite": 0, "saturated": 0}
     assert main(["status", str(tmp_path / "demo" / "latents")]) == 0
     status = capsys.readouterr().out
-    assert "SUCCEEDED" in status and "5/5 committed" in status and "1 errored" in status
+    assert "COMPLETE" in status and "5/5 committed" in status and "1 errored" in status

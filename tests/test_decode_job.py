@@ -134,7 +134,9 @@ def test_encode_then_decode_on_s3(ray_cluster, s3_bucket, tmp_path):
     got = _read_tars(local)
     assert set(got) == {f"s/{i:03d}" for i in range(4)} | {f"t/{i:03d}" for i in range(3)}
     assert all("webp" in s and s["txt"].decode().startswith("caption") for s in got.values())
-    assert "SUCCEEDED" in __import__("pipeline.status", fromlist=["x"]).format_status(f"{base}/images")
+    from pipeline.status import job_status
+
+    assert job_status(f"{base}/images")["state"] == "complete"
 
 
 def test_mixed_bucket_shapes_decode_per_shape(ray_cluster, tmp_path):

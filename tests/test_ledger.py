@@ -261,15 +261,15 @@ def _legacy_folder(root, n: int = 2) -> None:
 
 
 def test_a_0_1_output_is_still_read_and_reported(tmp_path) -> None:
-    from pipeline.status import format_status
+    from pipeline.status import format_status, job_status
 
     _legacy_folder(tmp_path)
     ledger = Ledger(str(tmp_path))
     assert ledger.legacy and ledger.layout is LEGACY
     assert [r.name for r in ledger.job_records()] == ["train-000000", "train-000001"]
     assert [k for k, _, _ in read_latents(str(tmp_path))] == ["train-000000/0", "train-000001/0"]
-    status = format_status(str(tmp_path))
-    assert "SUCCEEDED" in status and "fingerprint abc123" in status and "2/2 committed" in status
+    status = format_status(job_status(str(tmp_path)))
+    assert "COMPLETE" in status and "fingerprint abc123" in status and "2/2 committed" in status
 
 
 def test_a_0_1_output_is_not_resumed_into_unless_overwrite(tmp_path) -> None:
@@ -284,8 +284,8 @@ def test_a_0_1_output_is_not_resumed_into_unless_overwrite(tmp_path) -> None:
 
 
 def test_success_marker_beside_an_uncommitted_shard_is_not_success(tmp_path) -> None:
-    """`status` must not say SUCCEEDED over a shard that is no longer committed (issue 8, defect 10)."""
-    from pipeline.status import format_status
+    """`status` must not say complete over a shard that is no longer committed (issue 8, defect 10)."""
+    from pipeline.status import format_status, job_status
 
     ledger = Ledger(str(tmp_path))
     ledger.open_job(manifest(), overwrite=False)
@@ -296,7 +296,8 @@ def test_success_marker_beside_an_uncommitted_shard_is_not_success(tmp_path) -> 
     (tmp_path / "train-000001.parquet").unlink()  # damaged after the fact
     p = Ledger(str(tmp_path)).progress()
     assert not p.succeeded and p.committed_shards == 2
-    assert "SUCCEEDED" not in format_status(str(tmp_path))
+    status = job_status(str(tmp_path))
+    assert status["state"] == "stopped" and "COMPLETE" not in format_status(status)
 
 
 class _Flaky:

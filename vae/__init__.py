@@ -19,8 +19,8 @@ import torch
 from .codec import CodecStats, Moments, NonFiniteError, VAECodec, resolve_device
 from .model import AutoencoderKL, DiagonalGaussian, VAEArchitecture
 from .presets import PRESETS, VAEPreset, check_against_config, get_preset, preset_from_diffusers_config
-from .weights import (WeightsError, fingerprint, fingerprint_state, load_into, read_state_dict, resolve_source,
-                      to_model_layout)
+from .weights import (WeightsError, check_fits, fingerprint, fingerprint_state, load_into, read_state_dict,
+                      resolve_source, to_model_layout)
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,10 @@ def inspect_vae(source: str, preset: str | None = None, *, seed: int = 0,
     if source.startswith(RANDOM_PREFIX):
         chosen = _random_preset(source, preset)
         return VAEInfo(source, chosen, f"random-{fingerprint(build_model(chosen, seed=seed))}", True)
-    chosen, state, _ = _read_weights(source, preset, storage_options)
+    chosen, state, weights_url = _read_weights(source, preset, storage_options)
+    with torch.device("meta"):  # shapes only: no memory, no weights initialised
+        expected = AutoencoderKL(chosen.arch).state_dict()
+    check_fits(expected, state, source=f"{weights_url} (preset {chosen.name})")
     return VAEInfo(source, chosen, fingerprint_state(state), False)
 
 

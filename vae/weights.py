@@ -282,9 +282,9 @@ def _summarise(keys: list[str], limit: int = 8) -> str:
     return f"{shown} (+{len(keys) - limit} more)" if len(keys) > limit else shown
 
 
-def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str) -> None:
-    """Load `state` (already in model layout) strictly: every key present, none extra, shapes equal."""
-    expected = model.state_dict()
+def check_fits(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], *, source: str) -> None:
+    """Raise WeightsError unless `state` has exactly `expected`'s keys and shapes (only shapes are
+    read: `expected` may be a model's state dict on the meta device)."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mismatched = sorted(
@@ -300,6 +300,12 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: st
         problems.append(f"shape mismatches: {_summarise(mismatched)}")
     if problems:
         raise WeightsError(f"weights {source!r} do not match the architecture; " + "; ".join(problems))
+
+
+def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str) -> None:
+    """Load `state` (already in model layout) strictly: every key present, none extra, shapes equal."""
+    expected = model.state_dict()
+    check_fits(expected, state, source=source)
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
 
 

@@ -163,9 +163,13 @@ class JobKind(ABC):
         """Whether the job's actors take a GPU where the cluster has them."""
         return True
 
+    def requested_device(self, cfg: RunConfig) -> str:
+        """The device the config names for the actors: auto, cpu, cuda or cuda:N."""
+        return "auto"
+
     def needs_gpu(self, cfg: RunConfig) -> bool:
         """Whether the config names a CUDA device: the actors ask for a GPU even where the cluster has none yet."""
-        return False
+        return self.requested_device(cfg).startswith("cuda")
 
     def shard_done(self, result: Any) -> None:
         """Called in the driver for each committed shard (`ShardResult`): say what a person should know."""

@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.core.layout import CURRENT, LEGACY, Layout
-from pipeline.core.layout import METADATA_KEY
+from pipeline.core.layout import META_DIR, METADATA_KEY
 from pipeline.core.sink import ShardStats, check_shard_name
 from pipeline.core.storage import abort_multipart_uploads, join, output_fs, write_atomically, write_bytes_atomically
 from pipeline.samples import SampleError
@@ -51,6 +51,8 @@ from pipeline.samples import SampleError
 logger = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 2
+# Why the latest run stopped for good, written by the driver; removed when a new run starts.
+FAILURE_FILE = f"{META_DIR}/failed.json"
 _LEGACY_MANIFEST_VERSION = 1
 _LEGACY_DATA_EXTENSIONS = ("parquet", "safetensors")
 _ERROR_FIELDS = tuple(f.name for f in dataclasses.fields(SampleError))
@@ -444,6 +446,7 @@ class Ledger:
                 f"output {self.url} holds the output of a different job: {'; '.join(diffs)}; "
                 "use --overwrite to replace it, or choose another output")
         self._rm_if_exists(self._path(self.layout.success))
+        self._rm_if_exists(self._path(FAILURE_FILE))  # a new run: the last one's failure is history
         if old is not None:
             self._remove_job_outputs(old)
         if overwrite:
@@ -654,6 +657,14 @@ class Ledger:
         write_atomically(self.fs, self._tmp, self._path(self.layout.errors),
                          lambda f: pq.write_table(table, f, compression="zstd"))
         return len(errors)
+
+    def write_failure(self, reason: str, summary: Mapping[str, Any] | None = None) -> None:
+        """Record why this run stopped for good (`status` says failed, with the reason, until a
+        new run starts)."""
+        self._write_json(self._path(FAILURE_FILE), {"reason": reason, "at": _now(), **dict(summary or {})})
+
+    def read_failure(self) -> dict[str, Any] | None:
+        return self._read_json(self._path(FAILURE_FILE))
 
     def read_success(self) -> dict[str, Any] | None:
         """The SUCCESS summary, or None when the job has not finished."""

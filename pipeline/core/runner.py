@@ -22,6 +22,7 @@ from pipeline.core.scheduler import Scheduler, ShardResult, error_rate_message, 
 from pipeline.core.shard import JobActor
 from pipeline.core.ledger import Ledger, ShardRecord, build_manifest
 from pipeline.core.lock import JobLock
+from pipeline.core.preflight import PreflightError, check_device, check_output_writable, local_nodes
 from pipeline.core.placement import (ActorDemand, actor_demand, actors_that_fit, cluster_nodes, infeasible_message,
                                      max_actors, request_nodes, target_actors)
 from pipeline.core.storage import output_fs
@@ -82,13 +83,35 @@ class JobSummary:
         return {**dataclasses.asdict(self), "counters": dict(self.counters), "result": dict(self.result)}
 
 
+class _TokenNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Token authentication is enabled for this Ray cluster" not in record.getMessage()
+
+
 def _ensure_ray(address: str | None) -> bool:
     """Connect to Ray (or start a local one); returns True when this call started it."""
     import ray
 
     if ray.is_initialized():
         return False
-    ray.init(address=address, include_dashboard=False, log_to_driver=True)
+    if address is None:
+        # Ray warns on every local start that it turned token authentication on (README explains it once).
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_TokenNotice())
+    import signal
+    import threading
+
+    on_main = threading.current_thread() is threading.main_thread()
+    caller_sigterm = signal.getsignal(signal.SIGTERM) if on_main else None
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=True)
+        if callable(caller_sigterm):
+            # Ray installs its own SIGTERM handler, which exits at once: the caller's (the CLI's clean
+            # stop: in-flight shards abandoned, actors and this Ray stopped) must stay in charge.
+            signal.signal(signal.SIGTERM, caller_sigterm)
+    except ConnectionError as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise PreflightError(f"--address {address}: no Ray cluster answers there ({first}); start one with "
+                             "`ray start --head`, or leave --address (and RAY_ADDRESS) unset for a local Ray") from None
     from pipeline.core.reaper import start_reaper
 
     # A Ray this driver started must not outlive it (SIGKILL gives no chance to stop it); connected
@@ -98,22 +121,69 @@ def _ensure_ray(address: str | None) -> bool:
 
 
 class _Progress:
-    """A tqdm bar over shards with samples, images/s and errors in the postfix."""
+    """Progress over samples: a tqdm bar on a TTY (`bar`), else one plain log line every
+    `every_s` seconds (a cluster job's log, a redirect), with the same figures: samples and
+    shards done, errors, img/s over this run, and an ETA."""
 
-    def __init__(self, total: int, done: int, enabled: bool) -> None:
+    def __init__(self, total_shards: int, done_shards: int, done_samples: int, *, bar: bool, every_s: float) -> None:
+        import sys
+
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, initial=done, unit="shard", disable=not enabled, dynamic_ncols=True)
+        self.total_shards = total_shards
+        self.done_before = done_shards
+        self.samples_before = done_samples
+        self.every_s = every_s
         self.start = time.monotonic()
+        self.next_line = self.start + every_s
+        self.bar = tqdm(total=None, initial=done_samples, unit="img", dynamic_ncols=True,
+                        disable=not (bar and sys.stderr.isatty()))
+        self.last: tuple[int, int, int, int] = (0, 0, 0, 0)
+
+    def _figures(self, scheduler: Scheduler) -> dict[str, Any]:
+        read, written, errored = scheduler.totals()
+        shards = len(scheduler.done)
+        elapsed = max(1e-9, time.monotonic() - self.start)
+        left = self.total_shards - self.done_before - shards
+        eta = left * elapsed / shards if shards else None
+        per_shard = (read / shards) if shards else None
+        total = self.samples_before + read + (per_shard * left if per_shard is not None else 0)
+        return {"read": read, "written": written, "errored": errored, "shards": self.done_before + shards,
+                "rate": read / elapsed, "eta": eta, "total": int(total) if per_shard is not None else None}
 
     def update(self, scheduler: Scheduler) -> None:
-        read, written, errored = scheduler.totals()
-        elapsed = max(1e-9, time.monotonic() - self.start)
-        self.bar.set_postfix(samples=written, errors=errored, img_s=f"{read / elapsed:.1f}", refresh=False)
-        self.bar.update(1)
+        """A shard finished."""
+        f = self._figures(scheduler)
+        if not self.bar.disable:
+            self.bar.total = f["total"]
+            self.bar.n = self.samples_before + f["read"]
+            self.bar.set_postfix(shards=f"{f['shards']}/{self.total_shards}", errors=f["errored"],
+                                 eta=_duration(f["eta"]), refresh=False)
+            self.bar.refresh()
+        self.tick(scheduler)
+
+    def tick(self, scheduler: Scheduler, *, final: bool = False) -> None:
+        """A plain line when one is due (non-TTY only)."""
+        now = time.monotonic()
+        if not self.bar.disable or (now < self.next_line and not final):
+            return
+        self.next_line = now + self.every_s
+        f = self._figures(scheduler)
+        log.info("progress: %d/%d shards, %d samples written, %d errored, %.1f img/s, ETA %s", f["shards"],
+                 self.total_shards, f["written"], f["errored"], f["rate"], _duration(f["eta"]))
 
     def close(self) -> None:
         self.bar.close()
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _manifest(kind: JobKind, job: JobPlan) -> dict[str, Any]:
@@ -172,12 +242,11 @@ def _start_pool(kind: JobKind, cfg: RunConfig, job: JobPlan, n_actors: int, dema
     return pool
 
 
-def _plan_demand(kind: JobKind, cfg: RunConfig, connected: bool) -> ActorDemand:
-    """What each actor asks for, from the config and the cluster as it is now."""
-    nodes = cluster_nodes()
+def _plan_demand(kind: JobKind, cfg: RunConfig, nodes: list[dict[str, float]], *, on_cluster: bool) -> ActorDemand:
+    """What each actor asks for, from the config and the nodes as they are now."""
     demand = actor_demand(cfg.resources, requested=cfg.actors, wants_gpu=kind.wants_gpu(cfg),
                           force_gpu=kind.needs_gpu(cfg), nodes=nodes)
-    if demand.device == "cpu" and kind.wants_gpu(cfg) and connected:
+    if demand.device == "cpu" and kind.wants_gpu(cfg) and on_cluster:
         log.warning("the cluster has no GPU now, so the %s actors run on CPU in float32; on an autoscaling "
                     "cluster set resources.num_gpus=1 to wait for GPU nodes instead", kind.name)
     return demand
@@ -233,22 +302,35 @@ def _check_actor(kind: JobKind, job: JobPlan, info: Mapping[str, Any]) -> None:
 
 
 def run_job(kind: JobKind | str, cfg: RunConfig, *, ray_address: str | None = None, progress: bool = True,
-            on_result: Callable[[ShardResult], None] | None = None) -> JobSummary:
-    """Run (or resume) a job of `kind` (a JobKind or its name) on Ray; returns the summary or raises JobError."""
+            progress_every_s: float = 30.0, on_result: Callable[[ShardResult], None] | None = None) -> JobSummary:
+    """Run (or resume) a job of `kind` (a JobKind or its name) on Ray; returns the summary or raises JobError.
+
+    Everything that can be checked without Ray is checked before it starts: the inputs list, the
+    device exists, the weights resolve and fit the preset, the output is writable. A job whose
+    output holds it finished returns at once, without starting Ray. `progress`: a bar on a TTY;
+    a plain line every `progress_every_s` otherwise."""
+    import ray
+
     if isinstance(kind, str):
         from pipeline.jobs import get_kind
 
         kind = get_kind(kind)
     t0 = time.monotonic()
     inputs = kind.inputs(cfg)  # a typo in an input fails here, before Ray starts
-    started_ray = _ensure_ray(ray_address)
+    local = ray_address is None and not ray.is_initialized()  # this command will start a local Ray
+    check_device(kind.requested_device(cfg), local=local)
+    started_ray = False if local else _ensure_ray(ray_address)
     try:
-        demand = _plan_demand(kind, cfg, connected=not started_ray)
-        job = kind.plan(cfg, inputs, PlanContext(device=demand.device))
+        demand = _plan_demand(kind, cfg, local_nodes() if local else cluster_nodes(),
+                              on_cluster=ray_address is not None)
+        job = kind.plan(cfg, inputs, PlanContext(device=demand.device))  # the weights resolve and fit the preset
         random_weights = bool(job.provenance.get("vae_random_weights", False))
+        check_output_writable(cfg.output, cfg.storage_options)  # the folder exists, credentials resolve
         finished = None if cfg.overwrite else _finished(kind, cfg, job, t0, random_weights)
         if finished is not None:
             return finished
+        if local:
+            started_ray = _ensure_ray(None)
         requested_nodes = False
         try:
             if cfg.resources.autoscale:
@@ -260,7 +342,8 @@ def run_job(kind: JobKind | str, cfg: RunConfig, *, ray_address: str | None = No
             lock.acquire(break_lock=cfg.break_lock)  # before anything is written: one driver per folder
             lock.start_heartbeat()
             try:
-                return _run_locked(kind, cfg, job, lock, demand, random_weights, t0, progress, on_result)
+                return _run_locked(kind, cfg, job, lock, demand, random_weights, t0, progress, progress_every_s,
+                                   on_result)
             finally:
                 lock.release()
         finally:
@@ -268,18 +351,29 @@ def run_job(kind: JobKind | str, cfg: RunConfig, *, ray_address: str | None = No
                 request_nodes(demand, 0)  # the autoscaler may let the nodes go
     finally:
         if started_ray:
-            import ray
-
             ray.shutdown()
 
 
 def _run_locked(kind: JobKind, cfg: RunConfig, job: JobPlan, lock: JobLock, demand: ActorDemand,
-                random_weights: bool, t0: float, progress: bool,
+                random_weights: bool, t0: float, progress: bool, progress_every_s: float,
                 on_result: Callable[[ShardResult], None] | None) -> JobSummary:
     """The job, once this driver holds the output's lock."""
+    ledger, committed, todo = _open_output(kind, cfg, job)
+    try:
+        return _run_opened(kind, cfg, job, lock, demand, random_weights, t0, progress, progress_every_s,
+                           on_result, ledger, committed, todo)
+    except JobError as e:
+        if lock.lost is None:  # a driver that lost the folder must not write to it
+            ledger.write_failure(str(e))
+        raise
+
+
+def _run_opened(kind: JobKind, cfg: RunConfig, job: JobPlan, lock: JobLock, demand: ActorDemand,
+                random_weights: bool, t0: float, progress: bool, progress_every_s: float,
+                on_result: Callable[[ShardResult], None] | None, ledger: Ledger, committed: list[ShardRecord],
+                todo: dict[str, str]) -> JobSummary:
     pool: ActorPool | None = None
     try:
-        ledger, committed, todo = _open_output(kind, cfg, job)
         if random_weights:
             log.warning("%s job with RANDOM WEIGHTS: its output is for tests and demos only", kind.name)
         sched = Scheduler(todo, cfg.retry, cfg.max_error_rate, cfg.min_samples_for_error_rate,
@@ -300,8 +394,9 @@ def _run_locked(kind: JobKind, cfg: RunConfig, job: JobPlan, lock: JobLock, dema
                     _note_ready(info)
                 log.info("%d actor(s) starting; first ready: %s", len(pool.actors), pool.infos[0]["summary"])
                 t_ready = time.monotonic()
-                _run_loop(kind, cfg, job, pool, sched, _Progress(len(job.inputs), len(committed), progress),
-                          on_result, lock, demand)
+                bar = _Progress(len(job.inputs), len(committed), sum(r.samples_read for r in committed),
+                                bar=progress, every_s=progress_every_s)
+                _run_loop(kind, cfg, job, pool, sched, bar, on_result, lock, demand)
                 restarts = pool.restarts
                 pool.shutdown()  # no task is in flight now; an actor killed mid-write left its temp file
                 pool = None
@@ -354,6 +449,7 @@ def _run_loop(kind: JobKind, cfg: RunConfig, job: JobPlan, pool: ActorPool, sche
         while not sched.finished:
             _check_lock(lock, fresh=False)  # the heartbeat thread looks every interval
             now = time.monotonic()
+            bar.tick(sched)
             if now >= next_rescale:
                 _rescale(pool, cfg, demand, sched.remaining)
                 next_rescale = now + cfg.resources.rescale_interval_s
@@ -402,6 +498,7 @@ def _run_loop(kind: JobKind, cfg: RunConfig, job: JobPlan, pool: ActorPool, sche
     except PoolStartError as e:
         raise JobError(f"the {kind.name} actors could not be replaced: {e}") from e
     finally:
+        bar.tick(sched, final=True)
         bar.close()
 
 

@@ -486,8 +486,8 @@ class AuditJob(JobKind):
     def wants_gpu(self, cfg: AuditConfig) -> bool:  # type: ignore[override]
         return cfg.vae.device != "cpu"
 
-    def needs_gpu(self, cfg: AuditConfig) -> bool:  # type: ignore[override]
-        return cfg.vae.device.startswith("cuda")
+    def requested_device(self, cfg: AuditConfig) -> str:  # type: ignore[override]
+        return cfg.vae.device
 
     @staticmethod
     def _sources(cfg: AuditConfig, inputs: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:

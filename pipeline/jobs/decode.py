@@ -260,8 +260,8 @@ class DecodeJob(JobKind):
     def wants_gpu(self, cfg: DecodeConfig) -> bool:  # type: ignore[override]
         return cfg.vae.device != "cpu"
 
-    def needs_gpu(self, cfg: DecodeConfig) -> bool:  # type: ignore[override]
-        return cfg.vae.device.startswith("cuda")
+    def requested_device(self, cfg: DecodeConfig) -> str:  # type: ignore[override]
+        return cfg.vae.device
 
     def plan(self, cfg: DecodeConfig, inputs: Mapping[str, str], ctx: PlanContext) -> JobPlan:  # type: ignore[override]
         vae, info, vae_part, _, latents_hash = plan_latents_vae(cfg, list(inputs.values()), ctx)

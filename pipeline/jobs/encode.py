@@ -195,8 +195,8 @@ class EncodeJob(JobKind):
     def wants_gpu(self, cfg: EncodeConfig) -> bool:  # type: ignore[override]
         return cfg.vae.device != "cpu"
 
-    def needs_gpu(self, cfg: EncodeConfig) -> bool:  # type: ignore[override]
-        return cfg.vae.device.startswith("cuda")
+    def requested_device(self, cfg: EncodeConfig) -> str:  # type: ignore[override]
+        return cfg.vae.device
 
     def plan(self, cfg: EncodeConfig, inputs: Mapping[str, str], ctx: PlanContext) -> JobPlan:  # type: ignore[override]
         info = inspect_vae(cfg.vae.source, cfg.vae.preset, seed=cfg.vae.seed, storage_options=cfg.storage_options)
