@@ -31,6 +31,7 @@ class RayHead:
     gcs_address: str
     dashboard_url: str
     env: dict[str, str]
+    metrics_port: int = 0  # Prometheus text at http://127.0.0.1:PORT/metrics
     seen: set[int] = field(default_factory=set)
 
     def pids(self) -> set[int]:
@@ -95,8 +96,11 @@ def start_head(env: Mapping[str, str], *, num_cpus: int = 2, timeout_s: float = 
     for flag, port in ports.items():
         cmd += [flag, str(port)]
     full_env = {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-                "RAY_USAGE_STATS_ENABLED": "0"}
-    head = RayHead(temp_dir, f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", full_env)
+                "RAY_USAGE_STATS_ENABLED": "0",
+                # Metrics reach the export port within a second, not ten: a test reads them back.
+                "RAY_metrics_report_interval_ms": "500"}
+    head = RayHead(temp_dir, f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", full_env,
+                   metrics_port=ports["--metrics-export-port"])
     try:
         subprocess.run(cmd, env=full_env, check=True, capture_output=True, text=True, timeout=timeout_s)
         _wait_for_dashboard(head, timeout_s)

@@ -227,6 +227,23 @@ def test_submit_follow_encodes_on_the_cluster_and_no_secret_shows(head, s3_bucke
     logs_cli = _cli(["jobs", "logs", job_id, "--address", h.dashboard_url], env)
     assert logs_cli.returncode == 0 and "done: " in logs_cli.stdout and "9 samples written" in logs_cli.stdout
 
+    # The job's metrics, read back from the head's Prometheus endpoint (pipeline/core/telemetry.py).
+    import urllib.request
+
+    deadline, found = time.monotonic() + 60, {}
+    while time.monotonic() < deadline:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{h.metrics_port}/metrics", timeout=5).read().decode()
+        found = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                 if line.startswith("ray_latentcache_") and 'kind="encode"' in line}
+        if found.get("ray_latentcache_samples_written_total") == 9:
+            break
+        time.sleep(1)
+    assert found.get("ray_latentcache_samples_written_total") == 9, sorted(found)
+    assert found.get("ray_latentcache_samples_read_total") == 9
+    # Gauges (shards committed, actors) are current values of a live driver: gone once it exited.
+    assert found.get("ray_latentcache_bytes_written_total", 0) > 10_000
+    assert found.get("ray_latentcache_shard_seconds_count") == 3
+
 
 @pytest.mark.ray
 @pytest.mark.s3

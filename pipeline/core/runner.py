@@ -22,6 +22,7 @@ from pipeline.core.scheduler import Scheduler, ShardResult, error_rate_message, 
 from pipeline.core.shard import JobActor
 from pipeline.core.ledger import Ledger, ShardRecord, build_manifest
 from pipeline.core.lock import JobLock
+from pipeline.core.telemetry import JobMetrics
 from pipeline.core.preflight import PreflightError, check_device, check_output_writable, local_nodes
 from pipeline.core.placement import (ActorDemand, actor_demand, actors_that_fit, cluster_nodes, infeasible_message,
                                      max_actors, request_nodes, target_actors)
@@ -396,7 +397,10 @@ def _run_opened(kind: JobKind, cfg: RunConfig, job: JobPlan, lock: JobLock, dema
                 t_ready = time.monotonic()
                 bar = _Progress(len(job.inputs), len(committed), sum(r.samples_read for r in committed),
                                 bar=progress, every_s=progress_every_s)
-                _run_loop(kind, cfg, job, pool, sched, bar, on_result, lock, demand)
+                metrics = JobMetrics(kind.name)
+                metrics.start(len(job.inputs), len(committed))
+                _run_loop(kind, cfg, job, pool, sched, bar, on_result, lock, demand,
+                          lambda result: metrics.shard_done(result, len(committed) + len(sched.done)), metrics)
                 restarts = pool.restarts
                 pool.shutdown()  # no task is in flight now; an actor killed mid-write left its temp file
                 pool = None
@@ -443,7 +447,7 @@ def _check_lock(lock: JobLock, *, fresh: bool = True) -> None:
 
 def _run_loop(kind: JobKind, cfg: RunConfig, job: JobPlan, pool: ActorPool, sched: Scheduler,
               bar: _Progress, on_result: Callable[[ShardResult], None] | None, lock: JobLock,
-              demand: ActorDemand) -> None:
+              demand: ActorDemand, record: Callable[[ShardResult], None], metrics: JobMetrics) -> None:
     next_rescale = time.monotonic() + cfg.resources.rescale_interval_s
     try:
         while not sched.finished:
@@ -452,6 +456,7 @@ def _run_loop(kind: JobKind, cfg: RunConfig, job: JobPlan, pool: ActorPool, sche
             bar.tick(sched)
             if now >= next_rescale:
                 _rescale(pool, cfg, demand, sched.remaining)
+                metrics.pool(len(pool.actors), pool.restarts)
                 next_rescale = now + cfg.resources.rescale_interval_s
             for info in pool.poll_starting():
                 _check_actor(kind, job, info)
@@ -472,6 +477,7 @@ def _run_loop(kind: JobKind, cfg: RunConfig, job: JobPlan, pool: ActorPool, sche
                 if outcome.error is None:
                     assert outcome.result is not None
                     sched.succeeded(outcome.result)
+                    record(outcome.result)
                     kind.shard_done(outcome.result)
                     bar.update(sched)
                     if on_result is not None:
@@ -498,6 +504,7 @@ def _run_loop(kind: JobKind, cfg: RunConfig, job: JobPlan, pool: ActorPool, sche
     except PoolStartError as e:
         raise JobError(f"the {kind.name} actors could not be replaced: {e}") from e
     finally:
+        metrics.pool(len(pool.actors), pool.restarts)
         bar.tick(sched, final=True)
         bar.close()
 

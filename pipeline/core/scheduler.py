@@ -36,6 +36,7 @@ class ShardResult:
     seconds: float
     attempt: int
     counters: Mapping[str, int] = field(default_factory=dict)
+    errors_by_stage: Mapping[str, int] = field(default_factory=dict)  # samples recorded as errors, per stage
 
 
 def error_rate_message(read: int, errored: int, max_error_rate: float, min_samples: int) -> str | None:

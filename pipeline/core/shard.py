@@ -5,6 +5,8 @@ write, reconcile, commit, record. `ShardProcessor` knows nothing of Ray, so test
 
 from __future__ import annotations
 
+from collections import Counter
+
 import collections
 import logging
 import os
@@ -119,7 +121,8 @@ class ShardProcessor:
         self.ledger.commit_record(record)
         return ShardResult(name=task.name, samples_read=read, samples_written=stats.samples,
                            samples_errored=len(errors), bytes=stats.bytes, seconds=seconds,
-                           attempt=task.attempt, counters=dict(ctx.counters))
+                           attempt=task.attempt, counters=dict(ctx.counters),
+                           errors_by_stage=dict(Counter(e.stage for e in errors)))
 
 
 def _node_id() -> str:
