@@ -61,6 +61,11 @@ def test_mistakes_are_one_line_with_exit_status_2_and_no_traceback(shards, tmp_p
     _one_line_error(_cli("encode", "--input", str(tmp_path / "missing"), "--output", out), 2, "do not exist")
     _one_line_error(_cli("encode", "--input", shards, "--output", out, "--set", "batch_size=zero"), 2,
                     "batch_size must be int, got 'zero'")
+    # --address auto with no cluster (RAY_TMPDIR: where `auto` looks, empty here).
+    no_cluster = {**os.environ, "RAY_TMPDIR": str(tmp_path / "no-ray")}
+    (tmp_path / "no-ray").mkdir()
+    _one_line_error(_cli("encode", "--input", shards, "--output", out, "--vae", "random:tiny", "--address", "auto",
+                         env=no_cluster), 2, "--address auto: no Ray cluster answers there", "ray start --head")
     # `status` at a file, and at a folder that holds no job: exit 2, one line.
     at_file = _cli("status", str(Path(shards) / "part-000000.tar"))
     assert at_file.returncode == 2 and "is a file, not a job's output folder" in at_file.stdout
