@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.latentcache-installed
 
-.PHONY: setup setup-browser demo demo-vae test test-fast test-chaos test-cluster bench bench-pipeline bench-memory clean
+.PHONY: setup setup-browser demo demo-vae test test-fast test-chaos test-cluster bench bench-pipeline bench-memory bench-driver clean
 
 setup: $(STAMP)
 
@@ -58,6 +58,9 @@ bench-pipeline: setup
 
 bench-memory: setup
 	$(PY) bench/bench_memory.py
+
+bench-driver: setup
+	$(PY) bench/bench_driver.py
 
 clean:
 	rm -rf $(VENV) latentcache-demo .pytest_cache

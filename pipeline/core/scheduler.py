@@ -7,7 +7,8 @@ its own; the runner owns every side effect.
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
+import heapq
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -63,7 +64,12 @@ def pending_shards(names_to_urls: Mapping[str, str], committed: set[str]) -> dic
 
 @dataclass
 class Scheduler:
-    """Which shard runs next and what a failure means. Times are passed in, so it is deterministic."""
+    """Which shard runs next and what a failure means. Times are passed in, so it is deterministic.
+
+    Every operation costs O(1) (O(log n) for a shard backing off), however many shards the job
+    has: a deque of shards ready to run, a heap of those backing off, and running sums of what
+    finished. At 100,000 shards the driver must not pay per shard for the ones already done.
+    """
 
     shards: Mapping[str, str]
     retry: RetryConfig
@@ -72,33 +78,45 @@ class Scheduler:
     # Samples of the shards committed before this run: the error budget is the whole job's.
     committed_read: int = 0
     committed_errored: int = 0
-    _queue: list[ShardTask] = field(default_factory=list)
-    _not_before: dict[str, float] = field(default_factory=dict)
+    _ready: deque[ShardTask] = field(default_factory=deque)
+    _waiting: list[tuple[float, int, ShardTask]] = field(default_factory=list)  # heap: (not before, order, task)
+    _order: int = 0
     running: dict[str, ShardTask] = field(default_factory=dict)
     done: dict[str, ShardResult] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     unstarted: Counter[str] = field(default_factory=Counter)  # tasks lost before they began, per shard
     attempts_failed: int = 0  # tries charged to a shard and failed
+    _read: int = 0
+    _written: int = 0
+    _errored: int = 0
+    _counters: Counter[str] = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
-        self._queue = [ShardTask(name, url) for name, url in self.shards.items()]
+        self._ready = deque(ShardTask(name, url) for name, url in self.shards.items())
+
+    def _release(self, now: float) -> None:
+        """Shards whose backoff has passed join the back of the ready queue, in the order they failed."""
+        while self._waiting and self._waiting[0][0] <= now:
+            self._ready.append(heapq.heappop(self._waiting)[2])
 
     def next_task(self, now: float) -> ShardTask | None:
-        """The first queued shard whose backoff has passed, marked running; None if none is ready."""
-        for i, task in enumerate(self._queue):
-            if self._not_before.get(task.name, 0.0) <= now:
-                del self._queue[i]
-                self.running[task.name] = task
-                return task
-        return None
+        """The next ready shard (backoff passed), marked running; None if none is ready."""
+        self._release(now)
+        if not self._ready:
+            return None
+        task = self._ready.popleft()
+        self.running[task.name] = task
+        return task
 
     def next_ready_at(self) -> float | None:
-        """When the earliest queued shard becomes ready (None if the queue is empty)."""
-        return min((self._not_before.get(t.name, 0.0) for t in self._queue), default=None)
+        """When the earliest queued shard becomes ready (0.0 when one is ready now; None if none is queued)."""
+        if self._ready:
+            return 0.0
+        return self._waiting[0][0] if self._waiting else None
 
     def requeue(self, name: str) -> None:
         """Put a running shard back at the front of the queue without charging it an attempt."""
-        self._queue.insert(0, self.running.pop(name))
+        self._ready.appendleft(self.running.pop(name))
 
     def lost_unstarted(self, name: str) -> bool:
         """A running shard's task was lost before its actor began it (the actor was dead or
@@ -109,12 +127,16 @@ class Scheduler:
         self.unstarted[name] += 1
         if self.unstarted[name] > self.retry.max_unstarted:
             return False
-        self._queue.append(self.running.pop(name))
+        self._ready.append(self.running.pop(name))
         return True
 
     def succeeded(self, result: ShardResult) -> None:
         self.running.pop(result.name)
         self.done[result.name] = result
+        self._read += result.samples_read
+        self._written += result.samples_written
+        self._errored += result.samples_errored
+        self._counters.update(result.counters)
 
     def failed_attempt(self, name: str, reason: str, now: float, *, permanent: bool = False) -> float | None:
         """Record a failed try; returns the time of the retry, or None when the shard is given up
@@ -126,31 +148,26 @@ class Scheduler:
             self.failed[name] = f"{why}; last error: {reason}"
             return None
         at = now + backoff_delay(task.attempt, self.retry)
-        self._queue.append(dataclasses.replace(task, attempt=task.attempt + 1))
-        self._not_before[name] = at
+        self._order += 1
+        heapq.heappush(self._waiting, (at, self._order, dataclasses.replace(task, attempt=task.attempt + 1)))
         return at
 
     @property
     def finished(self) -> bool:
-        return not self._queue and not self.running
+        return not self._ready and not self._waiting and not self.running
 
     @property
     def remaining(self) -> int:
         """Shards queued or running: the most actors that could have work."""
-        return len(self._queue) + len(self.running)
+        return len(self._ready) + len(self._waiting) + len(self.running)
 
     def totals(self) -> tuple[int, int, int]:
         """(read, written, errored) over the shards done in this run."""
-        r = self.done.values()
-        return (sum(x.samples_read for x in r), sum(x.samples_written for x in r),
-                sum(x.samples_errored for x in r))
+        return self._read, self._written, self._errored
 
     def counters(self) -> dict[str, int]:
         """The job kind's counters summed over the shards done in this run."""
-        total: Counter[str] = Counter()
-        for result in self.done.values():
-            total.update(result.counters)
-        return dict(sorted(total.items()))
+        return dict(sorted(self._counters.items()))
 
     def error_rate_exceeded(self) -> str | None:
         """A message when the job's sample error rate (committed shards of earlier runs included)
