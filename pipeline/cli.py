@@ -142,6 +142,8 @@ def _quiet_ray_client(verbose: bool) -> None:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
+    import os
+
     from .cluster import build_submission, connect, submit
     from .config import ConfigError
     from .spec import load_spec
@@ -153,8 +155,6 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     for item in args.env or []:
         name, sep, value = item.partition("=")
         if not sep:
-            import os
-
             if name not in os.environ:
                 raise ConfigError(f"--env {name}: not set in this shell; give NAME=VALUE or export it")
             value = os.environ[name]
@@ -372,6 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (audit) failed, 130 interrupted (143 on SIGTERM); `status` documents its own."""
     import os
     import signal
+    import threading
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -397,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     usage = (ConfigError, PreflightError, PlanError, ShardListingError, DuplicateShardNameError, WeightsError,
              IncompatibleOutputError, ClusterError)
     failed = (JobError, LedgerError, ShardReadError, LockError)
-    if threading_main():
+    if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.func(args)
@@ -421,12 +422,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "same command again to resume") if getattr(args, "kind", None) or args.func is _cmd_run else ""
         print(f"\nlatentcache: {what}{resume}", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
-
-
-def threading_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

@@ -47,6 +47,28 @@ def _ready_nodes(text: str) -> list[str]:
     return re.findall(r"actor ready on node (\w+)", text)
 
 
+def test_address_auto_with_no_cluster_is_one_line(tmp_path):
+    """`--address auto` looks for a running GCS on this machine (its processes, RAY_ADDRESS, the
+    temp dir's ray_current_cluster); where there is none, one line with exit status 2."""
+    import os
+
+    import psutil
+
+    if any("gcs_server" in (p.info["name"] or "") for p in psutil.process_iter(["name"])):
+        pytest.skip("another Ray runs on this machine: `--address auto` would find it")
+    inputs = _shards(tmp_path / "shards", 1, per_shard=1)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = str(tmp_path / "no-ray")
+    (tmp_path / "no-ray").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "encode", "--input", inputs, "--output",
+                           str(tmp_path / "out"), "--vae", "random:tiny", "--address", "auto"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("latentcache: error: --address auto: no Ray cluster answers there") and \
+        "ray start --head" in last and "Traceback" not in proc.stderr
+
+
 def test_actors_spread_over_nodes_and_the_pool_grows_onto_a_node_that_joins(tmp_path):
     from ray.cluster_utils import Cluster
 

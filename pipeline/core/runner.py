@@ -97,7 +97,9 @@ def _ensure_ray(address: str | None) -> bool:
         return False
     if address is None:
         # Ray warns on every local start that it turned token authentication on (README explains it once).
-        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_TokenNotice())
+        token_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+        if not any(isinstance(f, _TokenNotice) for f in token_log.filters):
+            token_log.addFilter(_TokenNotice())
     import signal
     import threading
 
