@@ -86,8 +86,12 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             rows.append(bench_store("local", tmp, args.shards, args.repeats))
     if "s3" in args.stores:
+        import logging
+
         import boto3
         from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
 
         port = _free_port()
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
