@@ -201,7 +201,7 @@ def wait_until_done(client: Any, job_id: str, poll_s: float = 1.0, timeout_s: fl
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
         info = job_info(client, job_id)
-        if str(info.status) in TERMINAL or getattr(info.status, "value", None) in TERMINAL:
+        if status_name(info) in TERMINAL:
             return info
         if deadline is not None and time.monotonic() > deadline:
             raise ClusterError(f"job {job_id} is still {status_name(info)} after {timeout_s:.0f} s")

@@ -9,7 +9,7 @@ and job API show. A key that looks like a credential is refused by name.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -53,7 +53,6 @@ class JobSpec:
     kind: str
     config: RunConfig
     source: str = "spec"
-    data: Mapping[str, Any] = field(default_factory=dict)  # the config keys as given (after overrides)
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as plain data, every field filled in: what a cluster runs, exactly."""
@@ -88,7 +87,7 @@ def spec_from_dict(data: Mapping[str, Any], sets: Mapping[str, str] | None = Non
         config = from_dict(known[name].config_type, body)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
-    return JobSpec(name, config, source, body)
+    return JobSpec(name, config, source)
 
 
 def load_spec(path: str | Path, sets: Mapping[str, str] | None = None) -> JobSpec:

@@ -248,3 +248,15 @@ def write_truncated_tar(url: str, samples: list[dict[str, Any]], *, cut_sample: 
     if last.size < 2:
         raise ValueError(f"member {last.name!r} has {last.size} bytes; need at least 2 to cut inside it")
     return write_bytes(url, whole[: last.offset_data + last.size // 2], storage_options)
+
+
+def photo_shards(root: Path | str, n: int, *, per_shard: int = 3, broken: int = 0, max_side: int = 96) -> str:
+    """`n` tar shards `part-NNNNNN.tar` under `root` of real photos as JPEG (keys `s{i}/{j}`, a
+    caption each), plus `broken` samples per shard whose image is not one; returns `root`."""
+    photos = [encode(img, "JPEG") for _, img in real_photos(max_side=max_side)]
+    for i in range(n):
+        samples = [{"__key__": f"s{i}/{j}", "jpg": photos[(i + j) % len(photos)], "txt": f"{i}-{j}"}
+                   for j in range(per_shard)]
+        samples += [{"__key__": f"s{i}/bad{j}", "jpg": b"not a jpeg at all"} for j in range(broken)]
+        write_tar_shard(f"{root}/part-{i:06d}.tar", samples)
+    return str(root)

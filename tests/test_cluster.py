@@ -7,40 +7,18 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 import imagedata
+from drivers import output, start_driver
 from pipeline.core.layout import CURRENT
 
 REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = [pytest.mark.ray, pytest.mark.cluster]
-
-
-def _shards(root: Path, n: int, per_shard: int = 4) -> str:
-    photos = [imagedata.encode(img, "JPEG") for _, img in imagedata.real_photos(max_side=160)]
-    for i in range(n):
-        imagedata.write_tar_shard(str(root / f"part-{i:06d}.tar"),
-                                  [{"__key__": f"p{i}/{j}", "jpg": photos[(i + j) % len(photos)],
-                                    "txt": f"shard {i} sample {j}"} for j in range(per_shard)])
-    return str(root)
-
-
-def _driver(args: list[str]) -> subprocess.Popen:
-    log = tempfile.TemporaryFile("w+")  # a pipe nobody reads while the driver runs could stall it
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, stdout=log,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    proc.stdout = log
-    return proc
-
-
-def _output(proc: subprocess.Popen) -> str:
-    proc.stdout.seek(0)
-    return proc.stdout.read()
 
 
 def _ready_nodes(text: str) -> list[str]:
@@ -56,7 +34,7 @@ def test_address_auto_with_no_cluster_is_one_line(tmp_path):
 
     if any("gcs_server" in (p.info["name"] or "") for p in psutil.process_iter(["name"])):
         pytest.skip("another Ray runs on this machine: `--address auto` would find it")
-    inputs = _shards(tmp_path / "shards", 1, per_shard=1)
+    inputs = imagedata.photo_shards(tmp_path / "shards", 1, per_shard=1)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_TMPDIR"] = str(tmp_path / "no-ray")
     (tmp_path / "no-ray").mkdir()
@@ -73,28 +51,28 @@ def test_actors_spread_over_nodes_and_the_pool_grows_onto_a_node_that_joins(tmp_
     from ray.cluster_utils import Cluster
 
     # Long enough (tens of seconds on 2 cores) for a node to join and its actor to load the model.
-    inputs = _shards(tmp_path / "shards", 300)
+    inputs = imagedata.photo_shards(tmp_path / "shards", 300, per_shard=4, max_side=160)
     out = tmp_path / "latents"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # the head holds no actor
     proc = None
     try:
         first = [cluster.add_node(num_cpus=1) for _ in range(2)]
-        proc = _driver(["encode", "--input", inputs, "--output", str(out), "--vae", "random:tiny", "--resolution", "128",
+        proc = start_driver(["encode", "--input", inputs, "--output", str(out), "--vae", "random:tiny", "--resolution", "128",
                         "--batch-size", "2", "--address", cluster.address, "--no-progress",
                         "--set", "resources.num_cpus=1", "--set", "resources.rescale_interval_s=0.5",
                         "--set", "decode_threads=1"])
         records = out / CURRENT.records
         deadline = time.monotonic() + 300
-        while proc.poll() is None and time.monotonic() < deadline and len(_ready_nodes(_output(proc))) < 2:
+        while proc.poll() is None and time.monotonic() < deadline and len(_ready_nodes(output(proc))) < 2:
             time.sleep(0.05)
-        assert proc.poll() is None, _output(proc)[-3000:]
-        before = _ready_nodes(_output(proc))
+        assert proc.poll() is None, output(proc)[-3000:]
+        before = _ready_nodes(output(proc))
         assert sorted(before) == sorted(n.node_id for n in first), f"one actor on each worker node: {before}"
         t_join = time.monotonic()
         joined = cluster.add_node(num_cpus=1)
         print(f"node joined in {time.monotonic() - t_join:.1f} s")
         code = proc.wait(timeout=300)
-        text = _output(proc)
+        text = output(proc)
         assert code == 0, text[-3000:]
         assert "growing the pool from 2 to 3" in text, text[-3000:]
         assert joined.node_id in _ready_nodes(text), f"no actor on the node that joined: {_ready_nodes(text)}"
@@ -112,7 +90,7 @@ def test_actors_spread_over_nodes_and_the_pool_grows_onto_a_node_that_joins(tmp_
 def test_an_actor_no_node_can_hold_is_refused_at_once_naming_what_is_short(tmp_path):
     from ray.cluster_utils import Cluster
 
-    inputs = _shards(tmp_path / "shards", 1, per_shard=1)
+    inputs = imagedata.photo_shards(tmp_path / "shards", 1, per_shard=1)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     try:
         cluster.add_node(num_cpus=2)
@@ -138,23 +116,23 @@ def test_a_job_started_before_its_nodes_waits_for_them(tmp_path):
     autoscaler for room, and runs once a node joins."""
     from ray.cluster_utils import Cluster
 
-    inputs = _shards(tmp_path / "shards", 3, per_shard=2)
+    inputs = imagedata.photo_shards(tmp_path / "shards", 3, per_shard=2)
     out = tmp_path / "latents"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     proc = None
     try:
-        proc = _driver(["encode", "--input", inputs, "--output", str(out), "--vae", "random:tiny", "--resolution", "64",
+        proc = start_driver(["encode", "--input", inputs, "--output", str(out), "--vae", "random:tiny", "--resolution", "64",
                         "--address", cluster.address, "--no-progress", "--set", "resources.num_cpus=1",
                         "--set", "resources.custom={gpu_pool: 1}", "--set", "resources.wait_for_nodes_s=120",
                         "--set", "resources.autoscale=true"])
         deadline = time.monotonic() + 120
-        while "waiting up to" not in _output(proc) and proc.poll() is None and time.monotonic() < deadline:
+        while "waiting up to" not in output(proc) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert proc.poll() is None, _output(proc)[-3000:]
-        assert "for a node with room for one actor (CPU 1, gpu_pool 1)" in _output(proc)
+        assert proc.poll() is None, output(proc)[-3000:]
+        assert "for a node with room for one actor (CPU 1, gpu_pool 1)" in output(proc)
         joined = cluster.add_node(num_cpus=1, resources={"gpu_pool": 1})
         code = proc.wait(timeout=300)
-        text = _output(proc)
+        text = output(proc)
     finally:
         if proc is not None and proc.poll() is None:
             proc.kill()

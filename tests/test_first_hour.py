@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import psutil
 import pytest
 
 import imagedata
+from drivers import output, start_driver
 from pipeline.core.layout import CURRENT
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,16 +35,6 @@ def _cli(*args: str, env: dict | None = None, timeout: float = 300) -> subproces
                           timeout=timeout, env=_user_env() if env is None else env)
 
 
-def _shards(root: Path, n: int, per_shard: int = 3, broken: int = 0) -> str:
-    photos = [imagedata.encode(img, "JPEG") for _, img in imagedata.real_photos(max_side=96)]
-    for i in range(n):
-        samples = [{"__key__": f"s{i}/{j}", "jpg": photos[(i + j) % len(photos)], "txt": f"{i}-{j}"}
-                   for j in range(per_shard)]
-        samples += [{"__key__": f"s{i}/bad{j}", "jpg": b"not a jpeg at all"} for j in range(broken)]
-        imagedata.write_tar_shard(str(root / f"part-{i:06d}.tar"), samples)
-    return str(root)
-
-
 def _one_line_error(proc: subprocess.CompletedProcess, code: int, *needles: str) -> str:
     assert proc.returncode == code, (proc.returncode, proc.stderr[-2000:])
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -57,7 +47,7 @@ def _one_line_error(proc: subprocess.CompletedProcess, code: int, *needles: str)
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
-    return _shards(tmp_path_factory.mktemp("first-hour") / "shards", 3)
+    return imagedata.photo_shards(tmp_path_factory.mktemp("first-hour") / "shards", 3)
 
 
 def test_mistakes_are_one_line_with_exit_status_2_and_no_traceback(shards, tmp_path):
@@ -133,23 +123,14 @@ def test_a_finished_job_says_complete_in_seconds_without_ray(shards, tmp_path):
 
 
 def _driver(args: list[str]) -> subprocess.Popen:
-    log = tempfile.TemporaryFile("w+")  # a pipe nobody reads while the driver runs could stall it
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, stdout=log,
-                            stderr=subprocess.STDOUT, text=True, env=_user_env())
-    proc.stdout = log
-    return proc
-
-
-def _text(proc: subprocess.Popen) -> str:
-    proc.stdout.seek(0)
-    return proc.stdout.read()
+    return start_driver(args, env=_user_env())
 
 
 def _wait(proc: subprocess.Popen, ready, timeout_s: float = 180) -> None:
     deadline = time.monotonic() + timeout_s
     while not ready():
-        assert proc.poll() is None, _text(proc)[-3000:]
-        assert time.monotonic() < deadline, _text(proc)[-3000:]
+        assert proc.poll() is None, output(proc)[-3000:]
+        assert time.monotonic() < deadline, output(proc)[-3000:]
         time.sleep(0.05)
 
 
@@ -175,7 +156,7 @@ def _alive(pids: set[int]) -> list[int]:
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
 def test_ctrl_c_or_sigterm_stops_cleanly_and_a_rerun_resumes(tmp_path, sig, code, word):
-    inputs = _shards(tmp_path / "shards", 60)
+    inputs = imagedata.photo_shards(tmp_path / "shards", 60)
     out = tmp_path / "out"
     args = ["encode", "--input", inputs, "--output", str(out), "--vae", "random:tiny", "--resolution", "64",
             "--batch-size", "2", "--progress-every", "0.5"]
@@ -190,8 +171,8 @@ def test_ctrl_c_or_sigterm_stops_cleanly_and_a_rerun_resumes(tmp_path, sig, code
     ray_pids = _descendants(proc.pid)
     assert ray_pids, "the driver's local Ray should be running"
     proc.send_signal(sig)
-    assert proc.wait(timeout=120) == code, _text(proc)[-3000:]
-    text = _text(proc)
+    assert proc.wait(timeout=120) == code, output(proc)[-3000:]
+    text = output(proc)
     assert f"latentcache: {word}; shards in flight were abandoned" in text and "run the same command again" in text
     assert "Traceback" not in text, text[-3000:]
     deadline = time.monotonic() + 30
@@ -215,7 +196,7 @@ def test_ctrl_c_or_sigterm_stops_cleanly_and_a_rerun_resumes(tmp_path, sig, code
 @pytest.mark.ray
 @pytest.mark.slow
 def test_status_of_a_killed_driver_is_stopped_with_its_last_heartbeat(tmp_path):
-    inputs = _shards(tmp_path / "shards", 30)
+    inputs = imagedata.photo_shards(tmp_path / "shards", 30)
     out = tmp_path / "out"
     proc = _driver(["encode", "--input", inputs, "--output", str(out), "--vae", "random:tiny", "--resolution", "64",
                     "--batch-size", "2"])
@@ -242,7 +223,7 @@ def test_status_of_a_failed_job_says_why_and_counts_errors_by_reason(ray_cluster
     from pipeline.core.runner import JobError, run_job
     from pipeline.status import job_status
 
-    inputs = _shards(tmp_path / "shards", 2, per_shard=2, broken=2)
+    inputs = imagedata.photo_shards(tmp_path / "shards", 2, per_shard=2, broken=2)
     out = tmp_path / "out"
     cfg = EncodeConfig(input=(inputs,), output=str(out), vae=VAEConfig(source="random:tiny"),
                        preprocess=PreprocessConfig(resolution=64), max_error_rate=0.1, min_samples_for_error_rate=1,

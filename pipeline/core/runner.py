@@ -340,13 +340,13 @@ def run_job(kind: JobKind | str, cfg: RunConfig, *, ray_address: str | None = No
                 cap = max_actors(cfg.resources, cfg.actors)
                 request_nodes(demand, len(job.inputs) if cap is None else min(cap, len(job.inputs)))
                 requested_nodes = True
-            _wait_for_room(cfg, demand)  # an actor no node can hold is refused before the output is touched
+            fit = _wait_for_room(cfg, demand)  # an actor no node can hold is refused before the output is touched
             lock = JobLock(*output_fs(cfg.output, cfg.storage_options), command=kind.name)
             lock.acquire(break_lock=cfg.break_lock)  # before anything is written: one driver per folder
             lock.start_heartbeat()
             try:
-                return _run_locked(kind, cfg, job, lock, demand, random_weights, t0, progress, progress_every_s,
-                                   on_result)
+                return _run_locked(kind, cfg, job, lock, demand, fit, random_weights, t0, progress,
+                                   progress_every_s, on_result)
             finally:
                 lock.release()
         finally:
@@ -357,13 +357,13 @@ def run_job(kind: JobKind | str, cfg: RunConfig, *, ray_address: str | None = No
             ray.shutdown()
 
 
-def _run_locked(kind: JobKind, cfg: RunConfig, job: JobPlan, lock: JobLock, demand: ActorDemand,
+def _run_locked(kind: JobKind, cfg: RunConfig, job: JobPlan, lock: JobLock, demand: ActorDemand, fit: int,
                 random_weights: bool, t0: float, progress: bool, progress_every_s: float,
                 on_result: Callable[[ShardResult], None] | None) -> JobSummary:
-    """The job, once this driver holds the output's lock."""
+    """The job, once this driver holds the output's lock; `fit`: actors the cluster has room for."""
     ledger, committed, todo = _open_output(kind, cfg, job)
     try:
-        return _run_opened(kind, cfg, job, lock, demand, random_weights, t0, progress, progress_every_s,
+        return _run_opened(kind, cfg, job, lock, demand, fit, random_weights, t0, progress, progress_every_s,
                            on_result, ledger, committed, todo)
     except JobError as e:
         if lock.lost is None:  # a driver that lost the folder must not write to it
@@ -371,7 +371,7 @@ def _run_locked(kind: JobKind, cfg: RunConfig, job: JobPlan, lock: JobLock, dema
         raise
 
 
-def _run_opened(kind: JobKind, cfg: RunConfig, job: JobPlan, lock: JobLock, demand: ActorDemand,
+def _run_opened(kind: JobKind, cfg: RunConfig, job: JobPlan, lock: JobLock, demand: ActorDemand, fit: int,
                 random_weights: bool, t0: float, progress: bool, progress_every_s: float,
                 on_result: Callable[[ShardResult], None] | None, ledger: Ledger, committed: list[ShardRecord],
                 todo: dict[str, str]) -> JobSummary:
@@ -386,7 +386,6 @@ def _run_opened(kind: JobKind, cfg: RunConfig, job: JobPlan, lock: JobLock, dema
         restarts = 0
         try:
             if todo:
-                fit = _wait_for_room(cfg, demand)
                 n_actors = target_actors(cfg.resources, cfg.actors, fit, len(todo))
                 if cfg.actors is not None and n_actors < min(cfg.actors, len(todo)):
                     log.warning("%d actors asked for, but the cluster has room for %d now (%s each); starting "
