@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.latentcache-installed
 
-.PHONY: setup setup-browser demo demo-vae test test-fast test-chaos test-cluster bench bench-pipeline bench-memory bench-driver clean
+.PHONY: setup setup-browser demo demo-vae test test-fast test-chaos test-driver test-cluster bench bench-pipeline bench-memory bench-driver clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,11 @@ test-fast: setup setup-browser
 # The long fault-injection runs (actor kills, node loss, driver kills, object-store faults); RELIABILITY.md.
 test-chaos: setup
 	$(PY) -m pytest -q -m chaos
+
+# Whole driver processes: Ctrl-C and SIGTERM mid-job then resume, a SIGKILLed driver, two drivers on
+# one folder, a hung shard, a finished rerun without Ray (a few minutes; CI runs it).
+test-driver: setup
+	$(PY) -m pytest -q -m driver
 
 # Real Ray clusters: a head started with token authentication and jobs submitted to it through
 # `latentcache submit`, and multi-node clusters whose pool grows as nodes join (a few minutes).

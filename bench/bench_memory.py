@@ -16,9 +16,18 @@ Cases (all one input shard, batch 16, decode threads 4, max_error_rate 1.0):
 
 Goal: growth from the smallest to the largest N (150 -> 5,000 by default) under 250 MB per case.
 
+With --actors K1,K2,... (issue 11, section 5: images/s and peak memory per actor against samples
+per shard and number of actors), each (case, N) also runs with k actors on k input shards of N
+samples each (hard links to the same tar, so every shard is the same work), for each k listed, and
+the table adds images/s (samples / the job's seconds; "steady" from the first actor having its VAE,
+as `JobSummary.steady_seconds`), the peak RSS of each actor process and of the whole tree. Growth is
+then against the smallest N at the same k. --repeats R runs every (case, N) R times, alternating the
+actor counts inside each repeat; the table shows medians (peaks: the median of the per-run peaks).
+
     python bench/bench_memory.py                        # full: sizes 150,1500,5000 (several minutes)
     python bench/bench_memory.py --quick                # smoke test: sizes 20,60,150
     python bench/bench_memory.py --cases parquet,safetensors+member --sizes 150,5000
+    python bench/bench_memory.py --cases parquet --sizes 150,1500 --actors 1,2 --repeats 2
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -123,7 +133,7 @@ def child_main(spec_path: str) -> None:
         preprocess=PreprocessConfig(resolution=case["resolution"], flip=case["flip"]),
         format=case["format"], latent_dtype=case["latent_dtype"],
         passthrough=("npy", "txt") if case["member"] else ("txt",),
-        actors=1, batch_size=16, max_error_rate=1.0)
+        actors=int(spec.get("actors", 1)), batch_size=16, max_error_rate=1.0)
     t_import = time.perf_counter()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              _temp_dir=spec["ray_tmp"])
@@ -144,15 +154,17 @@ def child_main(spec_path: str) -> None:
 def role_of(proc: Any, child_pid: int) -> tuple[str, str]:
     """Which part of the job a process of the child's tree is, and its command line (Ray workers
     retitle themselves: `ray::IDLE`, `ray::JobActor.process`); "?" while it cannot be read yet."""
+    import psutil
+
     if proc.pid == child_pid:
         return "driver", "bench_memory.py --child"
     try:
         name = proc.name()
-    except Exception:
+    except psutil.Error:  # gone, or not readable yet: classified on a later sample
         name = ""
     try:
         cmd = " ".join(proc.cmdline()).strip()
-    except Exception:
+    except psutil.Error:
         cmd = ""
     if name.startswith("raylet") or "/raylet/raylet" in cmd.split(" ", 1)[0]:
         return "raylet", cmd[:120] or name
@@ -251,6 +263,9 @@ def run_child(spec: dict[str, Any], work: Path, interval: float, timeout: float)
         "at_peak_mb": {r: v / MB for r, v in at_peak.items()},
         "role_peak_mb": {r: v / MB for r, v in role_peak.items()},
         "processes": sorted(procs_seen.values(), key=lambda d: -d["peak_rss_mb"]),
+        # Each actor process's own peak (they peak at different moments; their sum is role_peak_mb).
+        "actor_peaks_mb": sorted((d["peak_rss_mb"] for d in procs_seen.values() if d["role"] == "actor"),
+                                 reverse=True),
         "series_s_total_driver_actor_mb": series,
         "child": child,
     }
@@ -266,12 +281,53 @@ def output_bytes(folder: Path) -> int:
 # --- main -----------------------------------------------------------------------------------------
 
 
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _throughput(res: dict[str, Any], steady: bool) -> float | None:
+    """Samples read / the job's seconds (run() from planning to summary; steady: from the first
+    actor having its VAE), from the child's JobSummary; None when the job did not finish."""
+    summary = (res.get("child") or {}).get("summary") or {}
+    seconds = summary.get("steady_seconds" if steady else "seconds") or 0.0
+    return summary["samples_read"] / seconds if seconds > 0 else None
+
+
+def actors_table(rows: list[dict[str, Any]], cases: list[str], sizes: list[int], actors: list[int]) -> list[dict]:
+    """One row per (case, actors, N): medians over repeats of img/s, per-actor and tree peaks."""
+    table = []
+    for case in cases:
+        for k in actors:
+            for n in sizes:
+                runs = [r for r in rows if (r["case"], r["actors"], r["samples_per_shard"]) == (case, k, n)]
+                good = [r for r in runs if r["ok"]]
+                per_actor = [max(r["actor_peaks_mb"]) for r in good if r["actor_peaks_mb"]]
+                table.append({
+                    "case": case, "actors": k, "samples_per_shard": n, "shards": k, "samples": k * n,
+                    "runs": len(runs), "ok_runs": len(good),
+                    "img_s": _median([v for r in good if (v := _throughput(r, False)) is not None]),
+                    "steady_img_s": _median([v for r in good if (v := _throughput(r, True)) is not None]),
+                    "job_s": _median([r["child"]["summary"]["seconds"] for r in good]),
+                    "ray_init_s": _median([r["child"]["ray_init_s"] for r in good]),
+                    # the largest actor's peak in each run, median over runs; and every actor's peak per run
+                    "actor_peak_mb": _median(per_actor),
+                    "actor_peaks_mb_per_run": [r["actor_peaks_mb"] for r in good],
+                    "actors_sum_peak_mb": _median([r["role_peak_mb"]["actor"] for r in good]),
+                    "tree_peak_mb": _median([r["peak_rss_mb"] for r in good]),
+                    "tree_peak_mb_runs": [r["peak_rss_mb"] for r in good],
+                })
+    return table
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child", metavar="SPEC", help=argparse.SUPPRESS)
     ap.add_argument("--sizes", default="150,1500,5000", help="samples per shard, comma-separated")
     ap.add_argument("--quick", action="store_true", help="smoke test: sizes 20,60,150 (overrides --sizes)")
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {list(CASES)}")
+    ap.add_argument("--actors", default="1",
+                    help="comma-separated actor counts; k actors run on k shards of N samples each")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per (case, N, actors), actor counts alternating")
     ap.add_argument("--member-kb", type=int, default=400, help="size of the binary passthrough member")
     ap.add_argument("--photo-side", type=int, default=96, help="long side of the input JPEGs (crops of the photos)")
     ap.add_argument("--flip-resolution", type=int, default=128, help="preprocess.resolution of parquet+flip-f32")
@@ -286,6 +342,11 @@ def main() -> None:
 
     sizes = [20, 60, 150] if args.quick else sorted(int(s) for s in args.sizes.split(",") if s.strip())
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    actors = [int(a) for a in args.actors.split(",") if a.strip()]
+    if not actors or min(actors) < 1:
+        ap.error(f"--actors {args.actors!r}: expected positive integers, e.g. 1,2")
+    if args.repeats < 1:
+        ap.error("--repeats must be >= 1")
     CASES["parquet+flip-f32"]["resolution"] = args.flip_resolution
     unknown = [c for c in cases if c not in CASES]
     if unknown:
@@ -296,7 +357,8 @@ def main() -> None:
     t_start = time.perf_counter()
     work_root = Path(tempfile.mkdtemp(prefix="lc-mem-", dir=args.tmp))
     try:
-        # One input tar per (input kind, N), shared by the cases that read it, removed once they ran.
+        # One input tar per (input kind, N), shared by the cases that read it, removed once they ran;
+        # k actors read k hard links to it (k shards of the same N samples).
         for member in (False, True):
             using = [c for c in cases if CASES[c]["member"] == member]
             if not using:
@@ -308,77 +370,103 @@ def main() -> None:
                 t0 = time.perf_counter()
                 in_bytes = write_input_tar(tar_path, n, photos, args.photo_side, member_bytes if member else 0)
                 gen_s = time.perf_counter() - t0
+                inputs: dict[int, Path] = {}
+                for k in actors:
+                    folder = tar_dir / f"k{k}"
+                    folder.mkdir()
+                    for j in range(k):
+                        os.link(tar_path, folder / f"mem-{n:06d}-{j:03d}.tar")
+                    inputs[k] = folder
                 for case in using:
-                    work = Path(tempfile.mkdtemp(prefix=f"{case.replace('+', '_')}-{n}-", dir=work_root))
-                    # Ray's own temp dir, short: its unix socket paths must stay under 108 bytes.
-                    ray_tmp = Path(tempfile.mkdtemp(prefix="lcr-", dir="/tmp"))
-                    spec = {"case": CASES[case], "input": str(tar_path), "output": str(work / "out"),
-                            "ray_tmp": str(ray_tmp), "result": str(work / "result.json")}
-                    print(f"[{time.perf_counter() - t_start:7.1f}s] {case:<20} N={n:<6} input "
-                          f"{in_bytes / MB:8.1f} MB ...", end="", flush=True)
-                    try:
-                        res = run_child(spec, work, args.interval, args.timeout)
-                        out_bytes = output_bytes(work / "out")
-                    finally:
-                        shutil.rmtree(work, ignore_errors=True)
-                        shutil.rmtree(ray_tmp, ignore_errors=True)
-                    summary = (res["child"] or {}).get("summary", {})
-                    row = {"case": case, "samples_per_shard": n, "input_mb": in_bytes / MB,
-                           "output_mb": out_bytes / MB, "input_gen_s": gen_s, **res,
-                           "samples_written": summary.get("samples_written"),
-                           "samples_errored": summary.get("samples_errored")}
-                    ok = res["rc"] == 0 and summary.get("samples_written") == n
-                    row["ok"] = ok
-                    rows.append(row)
-                    print(f" peak {res['peak_rss_mb']:8.1f} MB (actor {res['at_peak_mb'].get('actor', 0):7.1f}, "
-                          f"driver {res['at_peak_mb'].get('driver', 0):6.1f}), {res['wall_s']:6.1f} s"
-                          + ("" if ok else f"  JOB FAILED rc={res['rc']} timed_out={res['timed_out']} "
-                                           f"written={summary.get('samples_written')}"), flush=True)
-                    if not ok and "log_tail" in res:
-                        print(res["log_tail"][-2000:])
+                    for rep in range(args.repeats):
+                        for k in (actors if rep % 2 == 0 else actors[::-1]):
+                            work = Path(tempfile.mkdtemp(prefix=f"{case.replace('+', '_')}-{n}-{k}-", dir=work_root))
+                            # Ray's own temp dir, short: its unix socket paths must stay under 108 bytes.
+                            ray_tmp = Path(tempfile.mkdtemp(prefix="lcr-", dir="/tmp"))
+                            spec = {"case": CASES[case], "input": str(inputs[k]), "output": str(work / "out"),
+                                    "actors": k, "ray_tmp": str(ray_tmp), "result": str(work / "result.json")}
+                            print(f"[{time.perf_counter() - t_start:7.1f}s] {case:<20} N={n:<6} k={k} rep={rep} "
+                                  f"input {k} x {in_bytes / MB:7.1f} MB ...", end="", flush=True)
+                            try:
+                                res = run_child(spec, work, args.interval, args.timeout)
+                                out_bytes = output_bytes(work / "out")
+                            finally:
+                                shutil.rmtree(work, ignore_errors=True)
+                                shutil.rmtree(ray_tmp, ignore_errors=True)
+                            summary = (res["child"] or {}).get("summary", {})
+                            row = {"case": case, "samples_per_shard": n, "actors": k, "repeat": rep,
+                                   "input_mb": k * in_bytes / MB, "output_mb": out_bytes / MB,
+                                   "input_gen_s": gen_s, **res,
+                                   "samples_written": summary.get("samples_written"),
+                                   "samples_errored": summary.get("samples_errored")}
+                            ok = res["rc"] == 0 and summary.get("samples_written") == k * n
+                            row["ok"] = ok
+                            rows.append(row)
+                            rate = _throughput(res, False)
+                            print(f" peak {res['peak_rss_mb']:8.1f} MB (actors "
+                                  f"{'/'.join(f'{a:.0f}' for a in res['actor_peaks_mb']) or '-'}, driver "
+                                  f"{res['at_peak_mb'].get('driver', 0):6.1f}), {res['wall_s']:6.1f} s"
+                                  + (f", {rate:.1f} img/s" if rate else "")
+                                  + ("" if ok else f"  JOB FAILED rc={res['rc']} timed_out={res['timed_out']} "
+                                                   f"written={summary.get('samples_written')}"), flush=True)
+                            if not ok and "log_tail" in res:
+                                print(res["log_tail"][-2000:])
                 shutil.rmtree(tar_dir, ignore_errors=True)
     finally:
         shutil.rmtree(work_root, ignore_errors=True)
 
     smallest, largest = sizes[0], sizes[-1]
-    base = {r["case"]: r["peak_rss_mb"] for r in rows if r["samples_per_shard"] == smallest}
-    base_actor = {r["case"]: r["role_peak_mb"]["actor"] for r in rows if r["samples_per_shard"] == smallest}
-    for r in rows:
-        r["growth_mb"] = r["peak_rss_mb"] - base[r["case"]] if r["case"] in base else None
-        r["actor_growth_mb"] = (r["role_peak_mb"]["actor"] - base_actor[r["case"]]
-                                if r["case"] in base_actor else None)
+    table = actors_table(rows, cases, sizes, actors)
+    by_key = {(t["case"], t["actors"], t["samples_per_shard"]): t for t in table}
+    for t in table:
+        base_t = by_key.get((t["case"], t["actors"], smallest))
+        t["growth_mb"] = (t["tree_peak_mb"] - base_t["tree_peak_mb"]
+                          if base_t and t["tree_peak_mb"] is not None and base_t["tree_peak_mb"] is not None else None)
+        t["actor_growth_mb"] = (t["actor_peak_mb"] - base_t["actor_peak_mb"]
+                                if base_t and t["actor_peak_mb"] is not None and base_t["actor_peak_mb"] is not None
+                                else None)
 
-    print(f"\nencode job peak RSS (whole process tree: driver + Ray + 1 actor) vs samples per shard; "
-          f"tiny random VAE, batch 16, 2 CPUs, {os.cpu_count()} cores, sampled every {args.interval * 1000:.0f} ms")
-    head = (f"{'case':<20}{'samples/shard':>14}{'input MB':>10}{'output MB':>11}{'peak RSS MB':>13}"
-            f"{f'growth vs {smallest} MB':>20}{'actor peak MB':>15}{'seconds':>9}")
+    def fmt(v: float | None, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    print(f"\nencode job peak RSS (whole process tree: driver + Ray + actors) vs samples per shard and actors; "
+          f"tiny random VAE, batch 16, 2 CPUs, {os.cpu_count()} cores, sampled every {args.interval * 1000:.0f} ms, "
+          f"medians of {args.repeats}")
+    head = (f"{'case':<20}{'actors':>7}{'N/shard':>9}{'img/s':>8}{'steady':>8}{'job s':>7}"
+            f"{'actor peak MB':>15}{'actors sum MB':>15}{'tree peak MB':>14}{f'growth vs {smallest}':>17}")
     print(head)
     print("-" * len(head))
-    for case in cases:
-        for r in (r for r in rows if r["case"] == case):
-            g = r["growth_mb"]
-            print(f"{case:<20}{r['samples_per_shard']:>14}{r['input_mb']:>10.1f}{r['output_mb']:>11.2f}"
-                  f"{r['peak_rss_mb']:>13.1f}{('' if g is None else f'{g:+.1f}'):>20}"
-                  f"{r['role_peak_mb']['actor']:>15.1f}{r['wall_s']:>9.1f}" + ("" if r["ok"] else "  (job failed)"))
+    for t in table:
+        print(f"{t['case']:<20}{t['actors']:>7}{t['samples_per_shard']:>9}{fmt(t['img_s'], '.1f'):>8}"
+              f"{fmt(t['steady_img_s'], '.1f'):>8}{fmt(t['job_s'], '.1f'):>7}{fmt(t['actor_peak_mb'], '.0f'):>15}"
+              f"{fmt(t['actors_sum_peak_mb'], '.0f'):>15}{fmt(t['tree_peak_mb'], '.0f'):>14}"
+              f"{fmt(t['growth_mb'], '+.0f'):>17}"
+              + ("" if t["ok_runs"] == t["runs"] else f"  ({t['runs'] - t['ok_runs']} of {t['runs']} runs failed)"))
+    print("img/s: samples / job seconds (planning to summary, actors' start-up included); steady: from the first "
+          "actor having its VAE. actor peak: the largest actor process's own peak RSS.")
     print(f"\ngoal: growth from {smallest:,} to {largest:,} samples per shard under {GOAL_GROWTH_MB:.0f} MB")
     verdicts = {}
     for case in cases:
-        big = [r for r in rows if r["case"] == case and r["samples_per_shard"] == largest]
-        small = [r for r in rows if r["case"] == case and r["samples_per_shard"] == smallest]
-        if not big or not small or not (big[0]["ok"] and small[0]["ok"]):
-            verdicts[case] = "FAIL (job failed)"
-        else:
-            g = big[0]["growth_mb"]
-            verdicts[case] = f"{'PASS' if g < GOAL_GROWTH_MB else 'FAIL'} ({g:+.1f} MB)"
-        print(f"  {case:<20} {verdicts[case]}")
+        for k in actors:
+            name = case if len(actors) == 1 else f"{case} x{k}"
+            big, small = by_key.get((case, k, largest)), by_key.get((case, k, smallest))
+            if not big or not small or big["ok_runs"] < big["runs"] or small["ok_runs"] < small["runs"] \
+                    or big["growth_mb"] is None:
+                verdicts[name] = "FAIL (job failed)"
+            else:
+                g = big["growth_mb"]
+                verdicts[name] = f"{'PASS' if g < GOAL_GROWTH_MB else 'FAIL'} ({g:+.1f} MB)"
+            print(f"  {name:<24} {verdicts[name]}")
 
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    out = Path(args.out) / "memory.json"
+    # The default run (one actor, one repeat) keeps its historical name; an --actors/--repeats run gets its own.
+    plain = actors == [1] and args.repeats == 1
+    out = Path(args.out) / ("memory.json" if plain else f"memory-actors-{time.strftime('%Y%m%d-%H%M%S')}.json")
     import psutil
 
     out.write_text(json.dumps({
-        "bench": "memory", "args": vars(args), "sizes": sizes, "cases": {c: CASES[c] for c in cases},
-        "goal_growth_mb": GOAL_GROWTH_MB, "verdicts": verdicts, "rows": rows,
+        "bench": "memory", "args": vars(args), "sizes": sizes, "actors": actors, "cases": {c: CASES[c] for c in cases},
+        "goal_growth_mb": GOAL_GROWTH_MB, "verdicts": verdicts, "table": table, "rows": rows,
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "machine": platform.machine(),
                     "python": platform.python_version(), "memory_gb": psutil.virtual_memory().total / 2**30},
         "total_s": time.perf_counter() - t_start, "date": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))

@@ -47,7 +47,8 @@ class PreprocessConfig:
     max_image_pixels: decompression-bomb limit; larger images are recorded as errors.
     jpeg_draft: decode a JPEG at least twice the size it is resized to at a reduced DCT scale (libjpeg's
       1/2, 1/4, 1/8; never below the size the resize needs): several times less CPU per image, and
-      pixels that differ slightly from a full decode. Off by default.
+      pixels that differ slightly from a full decode (47-52 dB PSNR; BENCHMARKS.md). On by default
+      (off until 2026-12-01); `false` decodes in full, and resumes an output made before then.
     max_member_bytes: the most bytes one tar member (image, caption, any passthrough member) may
       declare; a larger one is never read (its data is skipped in the stream) and its sample is
       recorded as an error. Bounds what one sample holds in memory. 64 MiB by default.
@@ -60,7 +61,7 @@ class PreprocessConfig:
     flip: bool = False
     resample: str = "lanczos"
     max_image_pixels: int = 89_478_485
-    jpeg_draft: bool = False
+    jpeg_draft: bool = True
     max_member_bytes: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:

@@ -544,6 +544,8 @@ class _Verifier:
         self.sources: dict[str, str] = {}
         self.sizes: dict[str, int] = {}
         self.inspector: _Inspector | None = None
+        self.tables: list[str] = []  # compacted record tables
+        self.recorded: set[str] = set()  # shards with a record (file or table row), as read
 
     # --- small helpers -------------------------------------------------------------------------
 
@@ -610,6 +612,7 @@ class _Verifier:
                       str(u["Key"])[len(key_prefix):])
 
     def _list_records(self) -> list[str]:
+        """The shards with a record file; also lists the compacted tables (`self.tables`)."""
         names = []
         for e in self.ledger._ls(self.ledger._path(self.ledger.layout.records)):
             base = posixpath.basename(e["name"])
@@ -618,7 +621,38 @@ class _Verifier:
             else:
                 self._add("stray_file", "", "not a record in the records folder; expected only <shard>.json files",
                           self._rel(e["name"]))
+        for e in self.ledger._ls(self.ledger._path(self.ledger.layout.compacted)):
+            if e["type"] != "file" or not e["name"].endswith(".parquet"):
+                self._add("stray_file", "", "not a table of records in the compacted folder; expected only "
+                                            "*.parquet tables", self._rel(e["name"]))
+        self.tables = self.ledger.compacted_tables()
         return sorted(names)
+
+    def _record_batches(self, files: Sequence[str]) -> Iterator[list[tuple[str, str, bytes | str]]]:
+        """(name, where, JSON) of every record, about RECORD_BATCH at a time: the record files, then
+        the rows of the compacted tables that no file (or newer table) overrides. `self.recorded`
+        collects the names seen."""
+        for chunk in _chunks(files, RECORD_BATCH):
+            paths = {self.ledger._record_path(n): n for n in chunk}
+            raw = {posixpath.basename(p)[: -len(".json")]: v for p, v in self.ledger._cat_many(list(paths)).items()}
+            batch = []
+            for path, name in paths.items():
+                if name not in raw:
+                    self._add("record", name, "record vanished while verifying (a job is running here?)",
+                              self._rel(path))
+                    continue
+                batch.append((name, self._rel(path), raw[name]))
+            self.recorded.update(chunk)
+            yield batch
+        for table in reversed(self.tables):  # newest first: a shard in two tables is the newer's
+            rel = self._rel(table)
+            try:
+                for rows in self.ledger.iter_compacted(table, batch=RECORD_BATCH):
+                    batch = [(n, f"{rel}#{n}", r) for n, r in rows if n not in self.recorded]
+                    self.recorded.update(n for n, _, _ in batch)
+                    yield batch
+            except LedgerError as e:
+                self._add("record", "", f"compacted table does not read: {_short(e, 300)}", rel)
 
     def _sources(self) -> dict[str, str]:
         """Source shard name -> URL (raises ShardListingError when a pattern lists nothing)."""
@@ -778,7 +812,7 @@ class _Verifier:
             referenced, committed = self._check_records(pool, names)
             self._check_unrecorded(pool, sorted(set(self.sizes) - referenced))
             self._duplicates(pool)
-        for name in sorted(set(self.shards) - set(names)):
+        for name in sorted(set(self.shards) - self.recorded):
             self._add("uncommitted", name, "shard of the manifest has no record: it is not committed",
                       self._rel(self.ledger._record_path(name)))
         for name, url in sorted(self.sources.items()):
@@ -811,9 +845,9 @@ class _Verifier:
         name and the shards whose records parse."""
         referenced: set[str] = set()
         committed: set[str] = set()
-        for chunk in _chunks(names, RECORD_BATCH):
+        for batch in self._record_batches(names):
             tasks = []
-            for name, record in self._parse_records(chunk):
+            for name, record in self._parse_records(batch):
                 referenced.add(record.data_file)
                 committed.add(name)
                 self._count(name, record)
@@ -836,18 +870,12 @@ class _Verifier:
         for outcome in pool.map(lambda t: self._inspect_unrecorded(*t), tasks):
             self._fold(outcome)
 
-    def _parse_records(self, chunk: Sequence[str]) -> list[tuple[str, ShardRecord]]:
-        """The batch's records, read in one batched request; unparseable ones are violations."""
-        paths = {self.ledger._record_path(n): n for n in chunk}
-        raw = {posixpath.basename(p)[: -len(".json")]: v for p, v in self.ledger._cat_many(list(paths)).items()}
+    def _parse_records(self, batch: Sequence[tuple[str, str, bytes | str]]) -> list[tuple[str, ShardRecord]]:
+        """The batch's records, parsed; unparseable ones are violations."""
         out = []
-        for path, name in paths.items():
-            rel = self._rel(path)
-            if name not in raw:
-                self._add("record", name, "record vanished while verifying (a job is running here?)", rel)
-                continue
+        for name, rel, raw in batch:
             try:
-                out.append((name, ShardRecord.from_dict(json.loads(raw[name]), where=rel)))
+                out.append((name, ShardRecord.from_dict(json.loads(raw), where=rel)))
             except (LedgerError, ValueError) as e:
                 self._add("record", name, f"record does not parse: {_short(e, 300)}", rel)
         return out

@@ -13,9 +13,10 @@ import pytest
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 
-    # The chaos suite and the real-cluster suite run only when asked for by marker (`make
-    # test-chaos`: -m chaos; `make test-cluster`: -m cluster, which CI runs after the default tests).
-    for marker in ("chaos", "cluster"):
+    # The chaos, driver-process and real-cluster suites run only when asked for by marker (`make
+    # test-chaos`: -m chaos; `make test-driver`: -m driver and `make test-cluster`: -m cluster, which
+    # CI runs after the default tests).
+    for marker in ("chaos", "driver", "cluster"):
         if marker not in (config.getoption("markexpr") or ""):
             held = [item for item in items if marker in item.keywords]
             if held:

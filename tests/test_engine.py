@@ -11,7 +11,7 @@ from pipeline.config import EncodeConfig, PreprocessConfig, RetryConfig, VAEConf
 from pipeline.core import runner
 from pipeline.core.ledger import IncompatibleOutputError
 from pipeline.core.pool import ActorPool, PoolStartError, error_message
-from pipeline.core.runner import JobError, run_job
+from pipeline.core.runner import SHARDS_PER_ACTOR, JobError, run_job
 from tests import imagedata
 
 pytestmark = [pytest.mark.ray]
@@ -203,8 +203,8 @@ def test_pool_tells_tasks_an_actor_began_from_tasks_lost_before_they_started(ray
 
 def test_actor_deaths_between_tasks_cost_no_attempt(ray_cluster, tmp_path):
     """Issue 8, defect 1, on a real job: the actor is SIGKILLed each time a shard commits, so the
-    next shards are sent to an actor that is restarting. Only tasks that began are attempts: every
-    shard commits by its second try at most (five allowed), none charged more than the one kill it saw."""
+    next shards are sent to an actor that is restarting. Only tasks that began are attempts: a kill
+    charges at most the tasks its actor was running, and each shard at most one try per kill."""
     from pipeline.core.ledger import Ledger
     from pipeline.io.latent_reader import read_latents
     from tests.actors import own_actor_pids, sigkill
@@ -228,8 +228,11 @@ def test_actor_deaths_between_tasks_cost_no_attempt(ray_cluster, tmp_path):
     assert summary.processed_shards == 6 and summary.samples_written == 12
     assert summary.lost_unstarted >= 1, "some shard must have been sent to a restarting actor"
     records = Ledger(out).job_records()
-    # A shard running when its actor was killed is charged that one try, no more.
-    assert summary.attempts_failed <= sum(kills) * 2 and max(r.attempt for r in records) <= 2
+    # A shard running when its actor was killed is charged that one try, no more; the tasks lost
+    # unstarted are not charged at all. (One shard may be running at two kills: the timing decides.)
+    assert sum(r.attempt - 1 for r in records) == summary.attempts_failed
+    assert summary.attempts_failed <= sum(kills) * SHARDS_PER_ACTOR
+    assert max(r.attempt for r in records) <= 1 + sum(kills)
     keys = [k for k, _, _ in read_latents(out)]
     assert sorted(keys) == sorted(f"s{s}/{i}" for s in range(6) for i in range(2))
     import os

@@ -103,6 +103,7 @@ def test_an_output_bucket_that_does_not_exist_or_no_credentials(shards, s3_serve
     _one_line_error(proc, 2, "credentials")
 
 
+@pytest.mark.driver
 @pytest.mark.ray
 def test_a_finished_job_says_complete_in_seconds_without_ray(shards, tmp_path):
     out = str(tmp_path / "out")
@@ -152,6 +153,7 @@ def _alive(pids: set[int]) -> list[int]:
     return alive
 
 
+@pytest.mark.driver
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
@@ -193,6 +195,7 @@ def test_ctrl_c_or_sigterm_stops_cleanly_and_a_rerun_resumes(tmp_path, sig, code
     assert verified.returncode == 0, verified.stdout + verified.stderr  # every key once
 
 
+@pytest.mark.driver
 @pytest.mark.ray
 @pytest.mark.slow
 def test_status_of_a_killed_driver_is_stopped_with_its_last_heartbeat(tmp_path):

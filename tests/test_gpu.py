@@ -30,3 +30,15 @@ def test_cuda_float16_overflow_falls_back():
     codec.model.encoder.conv_in.weight.data.copy_(codec._reference.encoder.conv_in.weight.data.half().cuda())
     mean, _ = codec.encode(torch.rand(2, 3, 64, 64) * 2 - 1)
     assert torch.isfinite(mean).all() and codec.stats.fp32_fallbacks == 2
+
+
+def test_images_cross_to_the_gpu_as_uint8_and_are_normalised_there():
+    import numpy as np
+
+    from pipeline.transforms import to_model_input
+
+    rng = np.random.default_rng(0)
+    pixels = [rng.integers(0, 256, (64, 48, 3), dtype=np.uint8) for _ in range(3)]
+    on_gpu = to_model_input(pixels, "cuda")
+    assert on_gpu.device.type == "cuda" and on_gpu.dtype == torch.float32 and on_gpu.shape == (3, 3, 64, 48)
+    assert torch.equal(on_gpu.cpu(), to_model_input(pixels))

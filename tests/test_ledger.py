@@ -133,6 +133,20 @@ def test_open_job_refuses_another_identity(out_url: str) -> None:
     assert "vae_fingerprint: output has abc123, this job has def456" in message
     assert "preprocess.resolution: output has 512, this job has 1024" in message
     assert "--overwrite" in message and "scaling_factor" not in message
+    assert "to resume it as it was made" not in message  # a VAE differs: no flag makes it this job
+
+
+def test_an_output_made_under_another_preprocessing_default_names_the_flags_that_resume_it(tmp_path) -> None:
+    """jpeg_draft was off by default until 2026-12-01: the refusal says how to resume such an output."""
+    old = identity()
+    old["preprocess"] = {**old["preprocess"], "jpeg_draft": False}
+    Ledger(str(tmp_path)).open_job(build_manifest(kind="encode", identity=old, shards=SHARDS,
+                                                  data_extension="parquet", code_version="0"), overwrite=False)
+    assert identity()["preprocess"]["jpeg_draft"] is True  # today's default
+    with pytest.raises(IncompatibleOutputError) as info:
+        Ledger(str(tmp_path)).open_job(manifest(resolution=1024), overwrite=False)
+    assert str(info.value).endswith("; to resume it as it was made: --set preprocess.jpeg_draft=false "
+                                    "--set preprocess.resolution=512")
 
 
 def test_resume_keeps_committed_shards_and_clears_stale_files(out_url: str) -> None:

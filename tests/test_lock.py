@@ -149,6 +149,7 @@ def _wait_for_records(proc: subprocess.Popen, out, timeout_s: float = 180) -> No
     raise AssertionError(f"the first driver ended or stalled before committing: {_stderr(proc)[-2000:]}")
 
 
+@pytest.mark.driver
 @pytest.mark.ray
 @pytest.mark.slow
 def test_two_drivers_on_one_folder_never_mix(ray_cluster, tmp_path):

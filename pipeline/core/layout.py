@@ -6,6 +6,7 @@ pyarrow.dataset, Hugging Face `datasets` (which skips hidden folders), polars an
     <name>.<ext>                      the data files, one per input shard
     .latentcache/manifest.json        the job: kind, identity, input shards, provenance
     .latentcache/records/<name>.json  per-shard records, each written after its data file
+    .latentcache/compacted/*.parquet  records compacted into tables as a large job goes (see Ledger)
     .latentcache/errors.parquet       the job's sample errors (key, shard, stage, reason)
     .latentcache/SUCCESS              JSON summary, written once every shard is committed
     .latentcache/tmp/                 temp files of in-flight writes
@@ -26,6 +27,7 @@ class Layout:
 
     manifest: str
     records: str
+    compacted: str
     errors: str
     success: str
     tmp: str
@@ -39,9 +41,11 @@ META_DIR = ".latentcache"
 # hold latentcache's metadata.
 METADATA_KEY = "latentcache"
 CURRENT = Layout(manifest=f"{META_DIR}/manifest.json", records=f"{META_DIR}/records",
-                 errors=f"{META_DIR}/errors.parquet", success=f"{META_DIR}/SUCCESS", tmp=f"{META_DIR}/tmp")
-LEGACY = Layout(manifest="_latentcache.json", records="_records", errors="_errors.parquet",
-                success="_SUCCESS", tmp="_tmp")
+                 compacted=f"{META_DIR}/compacted", errors=f"{META_DIR}/errors.parquet",
+                 success=f"{META_DIR}/SUCCESS", tmp=f"{META_DIR}/tmp")
+# 0.1 never compacted; its folders are read, never resumed into, so nothing is written at `compacted`.
+LEGACY = Layout(manifest="_latentcache.json", records="_records", compacted="_records_compacted",
+                errors="_errors.parquet", success="_SUCCESS", tmp="_tmp")
 
 
 def is_reserved(name: str) -> bool:

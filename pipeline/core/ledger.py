@@ -11,6 +11,13 @@ The folder's layout is in `pipeline.core.layout`: data files at the top, everyth
     records/<name>.json   per-shard record, written only AFTER its data file: name, input_url,
                     data_file, samples_read, samples_written, errors (SampleError dicts), bytes,
                     sha256, identity_hash, attempt, seconds, committed_at, counters
+    compacted/*.parquet  records compacted into tables (columns `name`, `record`: the record's
+                    JSON), so that planning the resume of a job of 100,000 shards reads a few
+                    objects, not 100,000. The driver compacts the records of its run every
+                    COMPACT_EVERY commits, and at the end of a run one of COMPACT_MIN shards or more
+                    keeps all its records in one table. A table is written before the record files it
+                    holds are removed, so a crash between leaves a record twice, never none; a
+                    record file wins over a table (it is newer: a shard redone after compaction).
     errors.parquet  the job's sample errors (key, shard, stage, reason), written at the end
     SUCCESS         JSON summary, written only when every shard of the manifest is committed
     tmp/            temp files of in-flight writes; cleared at job start
@@ -35,9 +42,10 @@ import json
 import logging
 import posixpath
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -57,6 +65,17 @@ _LEGACY_MANIFEST_VERSION = 1
 _LEGACY_DATA_EXTENSIONS = ("parquet", "safetensors")
 _ERROR_FIELDS = tuple(f.name for f in dataclasses.fields(SampleError))
 _ERRORS_SCHEMA = pa.schema([pa.field(n, pa.string(), nullable=False) for n in _ERROR_FIELDS])
+# Compacted records: one row per shard, its record as the JSON a record file holds (parsed and
+# checked the same way), rows sorted by name in small row groups so one shard's row is found from
+# the footer's statistics without reading the table.
+_COMPACTED_SCHEMA = pa.schema([pa.field("name", pa.string(), nullable=False),
+                               pa.field("record", pa.string(), nullable=False)])
+_COMPACTED_ROWS = 256
+# The driver writes the records of its run into a table every COMPACT_EVERY commits; at the end of a
+# run, a job of COMPACT_MIN shards or more keeps all its records in one table (smaller ones keep their
+# record files, which a person can read one by one).
+COMPACT_EVERY = 1000
+COMPACT_MIN = 256
 
 
 T = TypeVar("T")
@@ -114,6 +133,10 @@ class IncompatibleOutputError(LedgerError):
     """The output folder holds a job with a different identity (VAE, preprocessing, format...)."""
 
 
+class ForeignObjectError(IncompatibleOutputError):
+    """The job would write a name that the output folder holds already and latentcache did not write."""
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -142,6 +165,31 @@ def _is_data_file(rel: str) -> bool:
     return 1 <= len(parts) <= 2 and all(p and not p.startswith(("_", ".")) for p in parts)
 
 
+def _text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+def _parse_json(raw: bytes | str, where: str) -> Any:
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LedgerError(f"{where}: record is not valid JSON: {e}") from e
+
+
+def _table_rows(blob: bytes, where: str, batch: int) -> Iterator[list[tuple[str, str]]]:
+    """(name, record JSON) rows of a compacted table's bytes, `batch` at a time."""
+    try:
+        table = pq.ParquetFile(pa.BufferReader(blob))
+        if table.schema_arrow.names != _COMPACTED_SCHEMA.names:
+            raise LedgerError(f"{where} is not a table of latentcache records: columns "
+                              f"{table.schema_arrow.names}; expected {_COMPACTED_SCHEMA.names}")
+        for chunk in table.iter_batches(batch_size=batch):
+            cols = chunk.to_pydict()
+            yield list(zip(cols["name"], cols["record"]))
+    except pa.ArrowException as e:
+        raise LedgerError(f"{where} is not a table of latentcache records: {e}") from e
+
+
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(value, Mapping):
         out: dict[str, Any] = {}
@@ -158,6 +206,16 @@ def identity_differences(old: Mapping[str, Any], new: Mapping[str, Any], *,
     missing = "<absent>"
     return [f"{k}: {labels[0]} {a.get(k, missing)}, {labels[1]} {b.get(k, missing)}"
             for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
+
+
+def _resume_hint(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """When only preprocessing settings differ (a default that changed between versions, say): the
+    `--set` flags that make this run the job the output holds."""
+    a, b = _flatten(old), _flatten(new)
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if not keys or not all(k.startswith("preprocess.") and k in a for k in keys):
+        return ""
+    return "; to resume it as it was made: " + " ".join(f"--set {k}={json.dumps(a[k])}" for k in keys)
 
 
 @dataclass(frozen=True)
@@ -255,6 +313,7 @@ class Ledger:
         self.fs, self.root = output_fs(output_url, storage_options)
         self.url = self.fs.unstrip_protocol(self.root)
         self._manifest: dict[str, Any] | None = None
+        self._table_names: dict[str, set[str]] = {}  # compacted table -> its shards, as last read
         self.layout: Layout = CURRENT
         if not self._exists(CURRENT.manifest) and self._exists(LEGACY.manifest):
             self.layout = LEGACY
@@ -444,7 +503,7 @@ class Ledger:
             diffs = identity_differences(old["identity"], identity) or ["identity_hash differs"]
             raise IncompatibleOutputError(
                 f"output {self.url} holds the output of a different job: {'; '.join(diffs)}; "
-                "use --overwrite to replace it, or choose another output")
+                f"use --overwrite to replace it, or choose another output{_resume_hint(old['identity'], identity)}")
         self._rm_if_exists(self._path(self.layout.success))
         self._rm_if_exists(self._path(FAILURE_FILE))  # a new run: the last one's failure is history
         if old is not None:
@@ -459,6 +518,54 @@ class Ledger:
                 "created": old.get("created", now) if resumed else now, "updated": now}
         self._write_json(self._path(self.layout.manifest), data)
         self._manifest = data
+
+    def foreign_objects(self, manifest: Mapping[str, Any]) -> list[str]:
+        """The names this job would write (data files, whole-job outputs) that the folder holds
+        already and no latentcache manifest or record of this folder accounts for: latentcache never
+        replaces or removes an object it did not write (a dataset tool's `00000.parquet` beside its
+        tars, say). One listing of the data folder; the records are read only when a name is not the
+        old manifest's."""
+        folder = str(manifest.get("data_dir", ""))
+        prefix = f"{folder}/" if folder else ""
+
+        def would_write(m: Mapping[str, Any]) -> set[str]:
+            ext, sub = m.get("data_extension"), str(m.get("data_dir", ""))
+            names = {f"{sub + '/' if sub else ''}{n}.{ext}" for n in m.get("shards", {})}
+            return names | {o for o in m.get("outputs", ()) if isinstance(o, str) and not o.endswith("/")}
+
+        wanted = would_write(manifest)
+        present = {prefix + posixpath.basename(e["name"])
+                   for e in self._ls(self._path(folder) if folder else self.root) if e["type"] == "file"}
+        if folder:
+            present |= {posixpath.basename(e["name"]) for e in self._ls(self.root) if e["type"] == "file"}
+        clash = wanted & present
+        if not clash:
+            return []
+        try:
+            old = self.read_manifest()
+        except LedgerError:
+            old = None
+        if old is not None:
+            clash -= would_write(old)
+        if clash and old is not None:
+            for where, raw in self._raw_records().values():
+                try:
+                    clash.discard(ShardRecord.from_dict(_parse_json(raw, where), where=where).data_file)
+                except LedgerError:
+                    continue
+        return sorted(clash)
+
+    def refuse_foreign_objects(self, manifest: Mapping[str, Any]) -> None:
+        """Raise ForeignObjectError naming what `foreign_objects` finds (even with --overwrite,
+        which removes only what latentcache wrote)."""
+        foreign = self.foreign_objects(manifest)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise ForeignObjectError(
+                f"output {self.url} already holds {len(foreign)} file(s) that this job would replace and that "
+                f"latentcache did not write: {shown}. latentcache never replaces or removes a file it did not "
+                f"write (not even with --overwrite); choose another output, e.g. {self.url.rstrip('/')}/latents "
+                "or a folder of its own")
 
     def finished(self, manifest: Mapping[str, Any], *, verify_checksum: bool = False) -> list[ShardRecord] | None:
         """The committed records when this folder holds exactly this job (identity and shards) and
@@ -497,11 +604,12 @@ class Ledger:
         if old is not None:
             data_files = {f"{folder + '/' if folder else ''}{n}.{old['data_extension']}" for n in old["shards"]}
         records = [e["name"] for e in self._ls(self._path(self.layout.records)) if e["type"] == "file"]
-        for path, raw in self._cat_many(records).items():
+        tables = [e["name"] for e in self._ls(self._path(self.layout.compacted)) if e["type"] == "file"]
+        for where, raw in self._raw_records().values():
             try:
-                data_files.add(ShardRecord.from_dict(json.loads(raw), where=path).data_file)
-            except (LedgerError, ValueError) as e:  # its data file is still covered by the manifest's names
-                logger.warning("overwrite: ignoring unreadable record %s: %s", path, e)
+                data_files.add(ShardRecord.from_dict(_parse_json(raw, where), where=where).data_file)
+            except LedgerError as e:  # its data file is still covered by the manifest's names
+                logger.warning("overwrite: ignoring unreadable record %s: %s", where, e)
         present = {posixpath.basename(e["name"]): e["name"] for e in self._ls(self.root) if e["type"] == "file"}
         if folder:
             present.update({f"{folder}/{posixpath.basename(e['name'])}": e["name"]
@@ -510,6 +618,7 @@ class Ledger:
         for rel in (self.layout.success, self.layout.errors):
             self._rm_if_exists(self._path(rel))
         self._rm(records)
+        self._rm(tables)
         self._rm([present[f] for f in sorted(data_files) if f in present])
         self.cleanup_tmp()
         self._rm_if_exists(self._path(self.layout.manifest))
@@ -528,6 +637,23 @@ class Ledger:
         if aborted:
             logger.info("aborted %d unfinished multipart upload(s) under %s", aborted, self._tmp)
         return len(stale)
+
+    def remove_tmp_dir(self) -> None:
+        """At the end of a job, on a local disk: remove the temp folder once it is empty, so that a
+        finished output holds no empty `tmp/` (object stores have no folders to leave)."""
+        import errno
+
+        from fsspec.implementations.local import LocalFileSystem
+
+        if not isinstance(self.fs, LocalFileSystem):
+            return
+        try:
+            self.fs.rmdir(self._tmp)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            if e.errno != errno.ENOTEMPTY:  # a file in it is a writer of another run: left alone
+                raise
 
     # --- per-shard records -------------------------------------------------------------------
 
@@ -563,7 +689,13 @@ class Ledger:
         path = self._record_path(name)
         try:
             data = self._read_json(path)
-            record = None if data is None else ShardRecord.from_dict(data, where=self.fs.unstrip_protocol(path))
+            where = self.fs.unstrip_protocol(path)
+            if data is None:
+                found = self._compacted_lookup(name)
+                if found is not None:
+                    where, raw = found
+                    data = _parse_json(raw, where)
+            record = None if data is None else ShardRecord.from_dict(data, where=where)
         except LedgerError as e:
             logger.warning("shard %s is not committed: %s", name, e)
             return None
@@ -575,8 +707,9 @@ class Ledger:
             return None
         return record
 
-    def commit_record(self, record: ShardRecord) -> None:
+    def commit_record(self, record: ShardRecord) -> ShardRecord:
         """Write the record of a shard whose data file is already written; this commits the shard.
+        Returns the record as written (with its commit time).
 
         Raises LedgerError when the record's identity is not this job's or its data file is
         missing or of another size: a record never points at data that is not there.
@@ -590,6 +723,7 @@ class Ledger:
         if not record.committed_at:
             record = dataclasses.replace(record, committed_at=_now())
         self._write_json(self._record_path(record.name), record.to_dict())
+        return record
 
     def discard(self, name: str) -> None:
         """Remove shard `name`'s record (not its data) before rewriting a shard that is not committed."""
@@ -600,22 +734,156 @@ class Ledger:
         stale = [e["name"] for e in self._ls(self._path(self.layout.records))
                  if e["type"] == "file" and posixpath.basename(e["name"])[: -len(".json")] in names]
         self._rm(stale)
-        return len(stale)
+        return len(stale) + self._discard_compacted(set(names))
+
+    # --- compacted records -------------------------------------------------------------------
+
+    def _record_files(self) -> list[str]:
+        return sorted(e["name"] for e in self._ls(self._path(self.layout.records))
+                      if e["type"] == "file" and e["name"].endswith(".json"))
+
+    def compacted_tables(self) -> list[str]:
+        """Paths of the compacted record tables, oldest first (their names start with a UTC time)."""
+        return sorted(e["name"] for e in self._ls(self._path(self.layout.compacted))
+                      if e["type"] == "file" and e["name"].endswith(".parquet"))
+
+    def iter_compacted(self, path: str, *, batch: int = _COMPACTED_ROWS) -> Iterator[list[tuple[str, str]]]:
+        """(name, record JSON) rows of one compacted table, `batch` rows at a time; raises
+        LedgerError naming the table when it is not one."""
+        where = self.fs.unstrip_protocol(path)
+        blob = _retried(f"reading {where}", lambda: self.fs.cat_file(path))
+        yield from _table_rows(blob, where, batch)
+
+    def _raw_records(self) -> dict[str, tuple[str, bytes | str]]:
+        """Every record, unparsed: name -> (where it was read, JSON). The compacted tables are read
+        first, oldest first, then the record files, which win (see the module docstring)."""
+        files, tables = self._record_files(), self.compacted_tables()
+        out: dict[str, tuple[str, bytes | str]] = {}
+        self._table_names = {}
+        for path, blob in sorted(self._cat_many(tables).items()):
+            where = self.fs.unstrip_protocol(path)
+            try:
+                rows = [row for chunk in _table_rows(blob, where, 1 << 20) for row in chunk]
+            except LedgerError as e:  # its shards read as not committed, and are redone
+                logger.warning("%s; the shards it holds count as not committed", e)
+                continue
+            self._table_names[path] = {name for name, _ in rows}
+            out.update((name, (f"{where}#{name}", raw)) for name, raw in rows)
+        for path, raw in self._cat_many(files).items():
+            out[posixpath.basename(path)[: -len(".json")]] = (self.fs.unstrip_protocol(path), raw)
+        return out
+
+    def _compacted_lookup(self, name: str) -> tuple[str, str] | None:
+        """(where, record JSON) of shard `name` in the newest compacted table holding it, else None.
+        Reads each table's footer and only the row groups whose name range covers `name`."""
+        for path in reversed(self.compacted_tables()):
+            where = self.fs.unstrip_protocol(path)
+            try:
+                with self.fs.open(path, "rb") as f:
+                    table = pq.ParquetFile(f)
+                    for i in range(table.metadata.num_row_groups):
+                        stats = table.metadata.row_group(i).column(0).statistics
+                        if stats is not None and stats.has_min_max and not stats.min <= name <= stats.max:
+                            continue
+                        rows = table.read_row_group(i).to_pydict()
+                        for n, raw in zip(rows["name"], rows["record"]):
+                            if n == name:
+                                return f"{where}#{name}", raw
+            except (pa.ArrowException, OSError, KeyError) as e:
+                raise LedgerError(f"{where} is not a table of latentcache records: {e}") from e
+        return None
+
+    def _write_table(self, rows: Mapping[str, bytes | str]) -> str:
+        """A new compacted table of `rows` (name -> record JSON); returns its path."""
+        names = sorted(rows)
+        table = pa.table({"name": names, "record": [_text(rows[n]) for n in names]}, schema=_COMPACTED_SCHEMA)
+        table = table.replace_schema_metadata({METADATA_KEY: json.dumps({"identity_hash": self.identity_hash,
+                                                                         "records": len(names)})})
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        path = self._path(self.layout.compacted, f"{stamp}-{uuid.uuid4().hex[:8]}.parquet")
+        write_atomically(self.fs, self._tmp, path,
+                         lambda f: pq.write_table(table, f, compression="zstd", row_group_size=_COMPACTED_ROWS))
+        return path
+
+    def compact(self, records: Sequence[ShardRecord]) -> int:
+        """Move `records` (committed by this job, as its driver received them) from their record
+        files into a new compacted table; returns how many. The table is written first."""
+        if not records:
+            return 0
+        self._write_table({r.name: json.dumps(r.to_dict(), sort_keys=True) for r in records})
+        self._rm_files([self._record_path(r.name) for r in records])
+        return len(records)
+
+    def compact_all(self, *, min_records: int | None = None) -> int:
+        """At the end of a run: every record (tables and files) into one table, when there are at
+        least `min_records` and they are not in one table already; returns how many it moved.
+        Records that do not parse stay where they are (they are not committed, and verify names them)."""
+        files, tables = self._record_files(), self.compacted_tables()
+        if not files and len(tables) <= 1:
+            return 0
+        raw = self._raw_records()
+        if len(raw) < (COMPACT_MIN if min_records is None else min_records):
+            return 0
+        good: dict[str, bytes | str] = {}
+        for name, (where, text) in raw.items():
+            try:
+                ShardRecord.from_dict(_parse_json(text, where), where=where)
+            except LedgerError:
+                continue
+            good[name] = text
+        self._write_table(good)
+        self._rm(tables)
+        self._rm_files([p for p in files if posixpath.basename(p)[: -len(".json")] in good])
+        self._table_names = {}
+        return len(good)
+
+    def _discard_compacted(self, names: set[str]) -> int:
+        """Drop `names` from the compacted tables that hold them (each rewritten without them, the new
+        table written before the old one is removed); returns how many rows were dropped."""
+        if not names:
+            return 0
+        tables = self.compacted_tables()
+        known = self._table_names
+        dropped = 0
+        for path in tables:
+            if path in known and not known[path] & names:
+                continue  # read at planning, and none of its rows is to be discarded
+            try:
+                rows = dict(row for chunk in self.iter_compacted(path, batch=1 << 20) for row in chunk)
+            except LedgerError as e:
+                logger.warning("%s; left as it is (its shards count as not committed)", e)
+                continue
+            hit = set(rows) & names
+            if not hit:
+                continue
+            if len(hit) < len(rows):
+                self._write_table({n: r for n, r in rows.items() if n not in hit})
+            self._rm([path])
+            dropped += len(hit)
+        self._table_names = {}
+        return dropped
+
+    def _rm_files(self, paths: list[str]) -> None:
+        """Remove files that should exist; one already gone (removed by a run that crashed after
+        compacting it, say) is not an error."""
+        try:
+            self._rm(paths)
+        except FileNotFoundError:
+            for p in paths:
+                self._rm_if_exists(p)
 
     def records(self, *, verify_checksum: bool = False) -> list[ShardRecord]:
         """The committed shards' records (any name), by name; two listings and one batched read.
         With `verify_checksum`, each data file is also hashed against its record (in threads)."""
-        paths = sorted(e["name"] for e in self._ls(self._path(self.layout.records))
-                       if e["type"] == "file" and e["name"].endswith(".json"))
-        if not paths:
+        raw_records = self._raw_records()
+        if not raw_records:
             return []
         sizes = self._data_sizes()
         out = []
-        for path, raw in sorted(self._cat_many(paths).items()):
-            name = posixpath.basename(path)[: -len(".json")]
+        for name, (where, raw) in sorted(raw_records.items()):
             try:
-                record = ShardRecord.from_dict(json.loads(raw), where=self.fs.unstrip_protocol(path))
-            except (LedgerError, ValueError) as e:
+                record = ShardRecord.from_dict(_parse_json(raw, where), where=where)
+            except LedgerError as e:
                 logger.warning("shard %s is not committed: %s", name, e)
                 continue
             reason = self._check(record, name, sizes, verify_checksum=False)
@@ -713,6 +981,6 @@ class Ledger:
 
 
 __all__ = [
-    "Ledger", "ShardRecord", "JobProgress", "LedgerError", "IncompatibleOutputError",
-    "identity_hash", "identity_differences", "build_manifest", "METADATA_KEY",
+    "Ledger", "ShardRecord", "JobProgress", "LedgerError", "IncompatibleOutputError", "ForeignObjectError",
+    "identity_hash", "identity_differences", "build_manifest", "METADATA_KEY", "COMPACT_EVERY", "COMPACT_MIN",
 ]

@@ -20,13 +20,13 @@ from pipeline.core.kind import JobKind, JobPlan, PermanentShardError, PlanContex
 from pipeline.core.pool import ActorPool, PoolStartError, error_message
 from pipeline.core.scheduler import Scheduler, ShardResult, error_rate_message, pending_shards
 from pipeline.core.shard import JobActor
-from pipeline.core.ledger import Ledger, ShardRecord, build_manifest
+from pipeline.core.ledger import COMPACT_EVERY, Ledger, LedgerError, ShardRecord, build_manifest
 from pipeline.core.lock import JobLock
 from pipeline.core.telemetry import JobMetrics
 from pipeline.core.preflight import PreflightError, check_device, check_output_writable, local_nodes
 from pipeline.core.placement import (ActorDemand, actor_demand, actors_that_fit, cluster_nodes, infeasible_message,
                                      max_actors, request_nodes, target_actors)
-from pipeline.core.storage import output_fs
+from pipeline.core.storage import ShardWriteError, output_fs
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,35 @@ def _ensure_ray(address: str | None) -> bool:
     # to a cluster, the driver has no Ray processes of its own and the reaper has nothing to do.
     start_reaper()
     return True
+
+
+class _Compactor:
+    """Moves the records this run commits into compacted tables, `every` at a time (see Ledger), so
+    that planning a resume reads a few tables instead of one object per shard. A compaction that
+    fails loses nothing (the records stay in their files): it is logged, and the job goes on."""
+
+    def __init__(self, ledger: Ledger, every: int) -> None:
+        self.ledger, self.every = ledger, every
+        self.pending: list[ShardRecord] = []
+
+    def add(self, result: ShardResult) -> None:
+        if result.record:
+            self.pending.append(ShardRecord.from_dict(dict(result.record), where=f"the result of shard {result.name}"))
+        if len(self.pending) >= self.every:
+            self._run(f"compacting {len(self.pending)} records", lambda: self.ledger.compact(self.pending))
+            self.pending = []
+
+    def finish(self) -> None:
+        """At the end of the run: every record into one table, for a job large enough (COMPACT_MIN)."""
+        self._run("compacting the job's records", self.ledger.compact_all)
+        self.pending = []
+
+    @staticmethod
+    def _run(what: str, step: Callable[[], int]) -> None:
+        try:
+            step()
+        except (ShardWriteError, LedgerError, OSError) as e:
+            log.warning("%s failed (%s); they stay in their record files", what, error_message(e))
 
 
 class _Progress:
@@ -332,6 +361,8 @@ def run_job(kind: JobKind | str, cfg: RunConfig, *, ray_address: str | None = No
         finished = None if cfg.overwrite else _finished(kind, cfg, job, t0, random_weights)
         if finished is not None:
             return finished
+        # Before Ray starts: a name this job would write must not be a file someone else wrote.
+        Ledger(cfg.output, cfg.storage_options).refuse_foreign_objects(_manifest(kind, job))
         if local:
             started_ray = _ensure_ray(None)
         requested_nodes = False
@@ -400,12 +431,18 @@ def _run_opened(kind: JobKind, cfg: RunConfig, job: JobPlan, lock: JobLock, dema
                                 bar=progress, every_s=progress_every_s)
                 metrics = JobMetrics(kind.name)
                 metrics.start(len(job.inputs), len(committed))
-                _run_loop(kind, cfg, job, pool, sched, bar, on_result, lock, demand,
-                          lambda result: metrics.shard_done(result, len(committed) + len(sched.done)), metrics)
+                compactor = _Compactor(ledger, COMPACT_EVERY)
+
+                def record(result: ShardResult) -> None:
+                    metrics.shard_done(result, len(committed) + len(sched.done))
+                    compactor.add(result)
+
+                _run_loop(kind, cfg, job, pool, sched, bar, on_result, lock, demand, record, metrics)
                 restarts = pool.restarts
                 pool.shutdown()  # no task is in flight now; an actor killed mid-write left its temp file
                 pool = None
                 ledger.cleanup_tmp()
+                compactor.finish()
             message = sched.error_rate_exceeded()
             if message:  # also when nothing was left to do: shards committed by earlier runs count
                 raise ErrorRateExceeded(f"stopping the job: {message}")
@@ -431,6 +468,7 @@ def _run_opened(kind: JobKind, cfg: RunConfig, job: JobPlan, lock: JobLock, dema
             actor_restarts=restarts)
         _check_lock(lock)
         ledger.write_success({"this_run": summary.to_dict()})
+        ledger.remove_tmp_dir()
         return summary
     finally:
         if pool is not None:
@@ -477,12 +515,14 @@ def _run_loop(kind: JobKind, cfg: RunConfig, job: JobPlan, pool: ActorPool, sche
                 name = outcome.task.name
                 if outcome.error is None:
                     assert outcome.result is not None
-                    sched.succeeded(outcome.result)
+                    # The Scheduler keeps the counts only; the ledger record goes to the compactor.
+                    result = dataclasses.replace(outcome.result, record={})
+                    sched.succeeded(result)
                     record(outcome.result)
-                    kind.shard_done(outcome.result)
+                    kind.shard_done(result)
                     bar.update(sched)
                     if on_result is not None:
-                        on_result(outcome.result)
+                        on_result(result)
                 elif outcome.collateral:
                     sched.requeue(name)  # not its fault: another shard's timeout killed the actor
                 elif not outcome.started and sched.lost_unstarted(name):

@@ -10,7 +10,7 @@ import dataclasses
 import heapq
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Mapping
 
 from pipeline.config import RetryConfig
 
@@ -38,6 +38,7 @@ class ShardResult:
     attempt: int
     counters: Mapping[str, int] = field(default_factory=dict)
     errors_by_stage: Mapping[str, int] = field(default_factory=dict)  # samples recorded as errors, per stage
+    record: Mapping[str, Any] = field(default_factory=dict)  # the ledger record it committed (for compaction)
 
 
 def error_rate_message(read: int, errored: int, max_error_rate: float, min_samples: int) -> str | None:

@@ -118,11 +118,11 @@ class ShardProcessor:
         record = ShardRecord.from_stats(stats, input_url=task.url, samples_read=read, errors=errors,
                                         identity_hash=self.identity_hash, attempt=task.attempt, seconds=seconds,
                                         counters=ctx.counters)
-        self.ledger.commit_record(record)
+        record = self.ledger.commit_record(record)
         return ShardResult(name=task.name, samples_read=read, samples_written=stats.samples,
                            samples_errored=len(errors), bytes=stats.bytes, seconds=seconds,
                            attempt=task.attempt, counters=dict(ctx.counters),
-                           errors_by_stage=dict(Counter(e.stage for e in errors)))
+                           errors_by_stage=dict(Counter(e.stage for e in errors)), record=record.to_dict())
 
 
 def _node_id() -> str:

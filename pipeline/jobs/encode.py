@@ -138,7 +138,7 @@ class EncodeWorker(VAEWorker):
 
     def _encode(self, pixels: list[np.ndarray], ctx: ShardContext) -> tuple[np.ndarray, np.ndarray]:
         """Scaled latents and log-variances; counts the samples that needed the float32 fallback."""
-        x = to_model_input(pixels)
+        x = to_model_input(pixels, self.codec.device)
         with self.model_lock:  # also makes the stats difference this call's own
             before = self.codec.stats.fp32_fallbacks
             mean, logvar = self.codec.encode(x)
