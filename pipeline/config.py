@@ -213,6 +213,9 @@ class RunConfig:
     # Hash every committed data file against its record before resuming (a rerun checks sizes
     # only); shards whose bytes changed are redone.
     recheck: bool = False
+    # An input shard whose size or ETag/mtime changed since its output was committed (a dataset tool
+    # still writing it, a file replaced): "redo" it (and say so), or stop with an "error".
+    changed_inputs: str = "redo"
     storage_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -223,6 +226,8 @@ class RunConfig:
         _check(self.actors is None or self.resources.max_actors is None or self.actors <= self.resources.max_actors,
                f"actors={self.actors} is more than resources.max_actors={self.resources.max_actors}")
         _check(0.0 <= self.max_error_rate <= 1.0, f"max_error_rate={self.max_error_rate} must be in [0, 1]")
+        _check(self.changed_inputs in ("redo", "error"),
+               f"changed_inputs={self.changed_inputs!r} must be 'redo' or 'error'")
         _check(self.min_samples_for_error_rate >= 0,
                f"min_samples_for_error_rate={self.min_samples_for_error_rate} must be >= 0")
         object.__setattr__(self, "storage_options", dict(self.storage_options))

@@ -60,6 +60,7 @@ from fsspec import AbstractFileSystem
 from pipeline.core.kind import JobPlan, shard_metadata
 from pipeline.core.layout import METADATA_KEY, is_reserved
 from pipeline.core.ledger import Ledger, LedgerError, ShardRecord
+from pipeline.io.shards import version_change
 from pipeline.io.latent_reader import parse_safetensors_header
 
 log = logging.getLogger(__name__)
@@ -542,6 +543,7 @@ class _Verifier:
         self.extension = self.data_dir = self.identity_hash = ""
         self.shards: dict[str, str] = {}
         self.sources: dict[str, str] = {}
+        self.source_versions: dict[str, dict[str, Any]] = {}  # source shard -> its version in the listing
         self.sizes: dict[str, int] = {}
         self.inspector: _Inspector | None = None
         self.tables: list[str] = []  # compacted record tables
@@ -659,9 +661,11 @@ class _Verifier:
         if not self.source:
             return {}
         if self.kind == "encode":
-            from pipeline.io.shards import check_unique_names, expand_inputs
+            from pipeline.io.shards import list_inputs
 
-            return check_unique_names(expand_inputs(self.source, self.storage_options))
+            listed = list_inputs(self.source, self.storage_options)
+            self.source_versions = listed.versions
+            return dict(listed)
         from pipeline.io.latent_reader import expand_latent_inputs
         from pipeline.io.shards import DuplicateShardNameError
 
@@ -851,6 +855,10 @@ class _Verifier:
                 referenced.add(record.data_file)
                 committed.add(name)
                 self._count(name, record)
+                how = version_change(record.input_version, self.source_versions.get(name, {}))
+                if how is not None:
+                    self._add("source_changed", name, f"the source shard changed since this shard was committed "
+                                                      f"({how}): a rerun redoes it", self.sources.get(name, ""))
                 tasks.append((name, record, len(self.files)))
                 self.files.append((name, record.data_file))
             for outcome in pool.map(lambda t: self._check(*t), tasks):

@@ -55,6 +55,9 @@ class JobPlan:
       a kind whose output folder is a report with its per-shard parts beside it.
     outputs: what `finish` writes over the whole job (relative names; a trailing '/' for a folder of
       them): removed when the job is opened again, so a stale one is never read as this run's.
+    input_versions: input shard name -> its version in the listing (size, ETag or mtime; see
+      `pipeline.io.shards.input_version`), recorded with each shard so that a resume tells an input
+      that changed since; empty for a kind whose listing gives none.
     """
 
     inputs: Mapping[str, str]
@@ -64,6 +67,7 @@ class JobPlan:
     worker_args: Mapping[str, Any] = field(default_factory=dict)
     data_dir: str = ""
     outputs: tuple[str, ...] = ()
+    input_versions: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 def shard_metadata(plan: JobPlan) -> dict[str, str]:

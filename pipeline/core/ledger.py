@@ -235,16 +235,21 @@ class ShardRecord:
     seconds: float = 0.0
     committed_at: str = ""
     counters: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    # The input's version when it was read (size, ETag or mtime; `pipeline.io.shards.input_version`):
+    # a resume redoes the shard when the listing gives another. Empty in records made before 2026-12-02.
+    input_version: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_stats(cls, stats: ShardStats, *, input_url: str, samples_read: int,
                    errors: list[SampleError] | tuple[SampleError, ...], identity_hash: str,
-                   attempt: int = 1, seconds: float = 0.0, counters: Mapping[str, int] | None = None) -> ShardRecord:
+                   attempt: int = 1, seconds: float = 0.0, counters: Mapping[str, int] | None = None,
+                   input_version: Mapping[str, Any] | None = None) -> ShardRecord:
         """The record for a shard that a writer just committed."""
         return cls(name=stats.name, input_url=input_url, data_file=stats.data_file or posixpath.basename(stats.path),
                    samples_read=samples_read, samples_written=stats.samples, errors=tuple(errors),
                    bytes=stats.bytes, sha256=stats.sha256, identity_hash=identity_hash,
-                   attempt=attempt, seconds=seconds, counters=dict(counters or {}))
+                   attempt=attempt, seconds=seconds, counters=dict(counters or {}),
+                   input_version=dict(input_version or {}))
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -270,6 +275,10 @@ class ShardRecord:
         for k, t in types.items():
             if k in data and (not isinstance(data[k], t) or isinstance(data[k], bool)):
                 raise LedgerError(f"{where}: {k}={data[k]!r} has the wrong type; expected {t}")
+        version = data.get("input_version", {})
+        if not isinstance(version, dict) or not all(isinstance(k, str) and isinstance(v, (str, int, float))
+                                                    for k, v in version.items()):
+            raise LedgerError(f"{where}: input_version={version!r} must map names to strings or numbers")
         counters = data.get("counters", {})
         if not isinstance(counters, dict) or not all(isinstance(k, str) and isinstance(v, int)
                                                      and not isinstance(v, bool) for k, v in counters.items()):

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from pipeline import __version__
 from pipeline.config import RunConfig
@@ -27,6 +27,7 @@ from pipeline.core.preflight import PreflightError, check_device, check_output_w
 from pipeline.core.placement import (ActorDemand, actor_demand, actors_that_fit, cluster_nodes, infeasible_message,
                                      max_actors, request_nodes, target_actors)
 from pipeline.core.storage import ShardWriteError, output_fs
+from pipeline.io.shards import version_change
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class JobSummary:
     attempts_failed: int = 0  # tries charged to a shard that failed (and were retried or given up)
     lost_unstarted: int = 0  # tasks lost to a dead actor before they began (requeued free)
     actor_restarts: int = 0  # actor deaths seen (Ray restarted each)
+    inputs_changed: int = 0  # committed shards redone because their input changed since
 
     @property
     def images_per_second(self) -> float:
@@ -226,15 +228,48 @@ def _manifest(kind: JobKind, job: JobPlan) -> dict[str, Any]:
                           code_version=__version__, provenance=dict(job.provenance), **extra)
 
 
-def _open_output(kind: JobKind, cfg: RunConfig, job: JobPlan) -> tuple[Ledger, list[ShardRecord], dict[str, str]]:
-    """Open (or resume) the job in its output folder; returns the ledger, committed records and to-do shards."""
+class ChangedInputError(JobError):
+    """Input shards changed since their output was committed, and `changed_inputs: error` was asked."""
+
+
+def changed_inputs(records: Sequence[ShardRecord], versions: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """Committed shards whose input the fresh listing gives in another version: name -> how."""
+    out = {}
+    for r in records:
+        how = version_change(r.input_version, versions.get(r.name, {}))
+        if how is not None:
+            out[r.name] = how
+    return out
+
+
+def _check_changed(cfg: RunConfig, changed: Mapping[str, str]) -> None:
+    """Report the inputs that changed since they were cached; raise when the config says so."""
+    if not changed:
+        return
+    named = "; ".join(f"{n} ({how})" for n, how in sorted(changed.items())[:5])
+    more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+    if cfg.changed_inputs == "error":
+        raise ChangedInputError(f"{len(changed)} input shard(s) changed since their output was committed: "
+                                f"{named}{more}. A dataset tool may still be writing them; run again with "
+                                "--set changed_inputs=redo to redo them")
+    log.warning("%d input shard(s) changed since their output was committed; redoing them: %s%s",
+                len(changed), named, more)
+
+
+def _open_output(kind: JobKind, cfg: RunConfig, job: JobPlan
+                 ) -> tuple[Ledger, list[ShardRecord], dict[str, str], int]:
+    """Open (or resume) the job in its output folder; returns the ledger, committed records, to-do
+    shards, and how many committed shards are redone because their input changed."""
     ledger = Ledger(cfg.output, cfg.storage_options)
     ledger.open_job(_manifest(kind, job), overwrite=cfg.overwrite)
     records = ledger.job_records(verify_checksum=cfg.recheck)
+    changed = changed_inputs(records, job.input_versions)
+    _check_changed(cfg, changed)
+    records = [r for r in records if r.name not in changed]
     todo = pending_shards(job.inputs, {r.name for r in records})
     ledger.discard_all(todo)  # a stale record must never vouch for data being rewritten
     log.info("%d shard(s): %d committed already, %d to do", len(job.inputs), len(records), len(todo))
-    return ledger, records, todo
+    return ledger, records, todo, len(changed)
 
 
 def _finished(kind: JobKind, cfg: RunConfig, job: JobPlan, t0: float, random_weights: bool) -> JobSummary | None:
@@ -244,6 +279,10 @@ def _finished(kind: JobKind, cfg: RunConfig, job: JobPlan, t0: float, random_wei
     done = ledger.finished(_manifest(kind, job), verify_checksum=cfg.recheck)
     if done is None:
         return None
+    changed = changed_inputs(done, job.input_versions)
+    if changed:
+        _check_changed(cfg, changed)  # before Ray starts, when they are an error
+        return None  # redone by the normal path, which reports them
     if error_rate_message(sum(r.samples_read for r in done), sum(len(r.errors) for r in done),
                           cfg.max_error_rate, cfg.min_samples_for_error_rate) is not None:
         return None  # the normal path reports it, and takes SUCCESS away
@@ -392,10 +431,10 @@ def _run_locked(kind: JobKind, cfg: RunConfig, job: JobPlan, lock: JobLock, dema
                 random_weights: bool, t0: float, progress: bool, progress_every_s: float,
                 on_result: Callable[[ShardResult], None] | None) -> JobSummary:
     """The job, once this driver holds the output's lock; `fit`: actors the cluster has room for."""
-    ledger, committed, todo = _open_output(kind, cfg, job)
+    ledger, committed, todo, changed = _open_output(kind, cfg, job)
     try:
         return _run_opened(kind, cfg, job, lock, demand, fit, random_weights, t0, progress, progress_every_s,
-                           on_result, ledger, committed, todo)
+                           on_result, ledger, committed, todo, changed)
     except JobError as e:
         if lock.lost is None:  # a driver that lost the folder must not write to it
             ledger.write_failure(str(e))
@@ -405,14 +444,14 @@ def _run_locked(kind: JobKind, cfg: RunConfig, job: JobPlan, lock: JobLock, dema
 def _run_opened(kind: JobKind, cfg: RunConfig, job: JobPlan, lock: JobLock, demand: ActorDemand, fit: int,
                 random_weights: bool, t0: float, progress: bool, progress_every_s: float,
                 on_result: Callable[[ShardResult], None] | None, ledger: Ledger, committed: list[ShardRecord],
-                todo: dict[str, str]) -> JobSummary:
+                todo: dict[str, str], changed: int) -> JobSummary:
     pool: ActorPool | None = None
     try:
         if random_weights:
             log.warning("%s job with RANDOM WEIGHTS: its output is for tests and demos only", kind.name)
         sched = Scheduler(todo, cfg.retry, cfg.max_error_rate, cfg.min_samples_for_error_rate,
                           committed_read=sum(r.samples_read for r in committed),
-                          committed_errored=sum(len(r.errors) for r in committed))
+                          committed_errored=sum(len(r.errors) for r in committed), versions=job.input_versions)
         t_ready = time.monotonic()
         restarts = 0
         try:
@@ -465,7 +504,7 @@ def _run_opened(kind: JobKind, cfg: RunConfig, job: JobPlan, lock: JobLock, dema
             samples_errored=errored, counters=sched.counters(), seconds=now - t0,
             steady_seconds=now - t_ready, random_weights=random_weights, result=result,
             attempts_failed=sched.attempts_failed, lost_unstarted=sum(sched.unstarted.values()),
-            actor_restarts=restarts)
+            actor_restarts=restarts, inputs_changed=changed)
         _check_lock(lock)
         ledger.write_success({"this_run": summary.to_dict()})
         ledger.remove_tmp_dir()
@@ -550,4 +589,5 @@ def _run_loop(kind: JobKind, cfg: RunConfig, job: JobPlan, pool: ActorPool, sche
         bar.close()
 
 
-__all__ = ["JobError", "JobSummary", "run_job", "FORWARDED_ENV", "SHARDS_PER_ACTOR"]
+__all__ = ["JobError", "ChangedInputError", "JobSummary", "run_job", "changed_inputs", "FORWARDED_ENV",
+           "SHARDS_PER_ACTOR"]

@@ -22,6 +22,9 @@ class ShardTask:
     name: str
     url: str
     attempt: int = 1
+    # The input's version in the listing the driver planned from (size, ETag or mtime, as sorted
+    # items: the task stays hashable); the shard's record keeps it.
+    version: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,9 +94,11 @@ class Scheduler:
     _written: int = 0
     _errored: int = 0
     _counters: Counter[str] = field(default_factory=Counter)
+    versions: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # input versions, by shard
 
     def __post_init__(self) -> None:
-        self._ready = deque(ShardTask(name, url) for name, url in self.shards.items())
+        self._ready = deque(ShardTask(name, url, version=tuple(sorted(self.versions.get(name, {}).items())))
+                            for name, url in self.shards.items())
 
     def _release(self, now: float) -> None:
         """Shards whose backoff has passed join the back of the ready queue, in the order they failed."""

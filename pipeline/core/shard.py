@@ -117,7 +117,7 @@ class ShardProcessor:
         seconds = time.perf_counter() - start
         record = ShardRecord.from_stats(stats, input_url=task.url, samples_read=read, errors=errors,
                                         identity_hash=self.identity_hash, attempt=task.attempt, seconds=seconds,
-                                        counters=ctx.counters)
+                                        counters=ctx.counters, input_version=dict(task.version))
         record = self.ledger.commit_record(record)
         return ShardResult(name=task.name, samples_read=read, samples_written=stats.samples,
                            samples_errored=len(errors), bytes=stats.bytes, seconds=seconds,

@@ -57,6 +57,7 @@ class _Expander:
             raise ShardListingError(pattern, f"cannot open its filesystem: {type(exc).__name__}: {exc}") from exc
         self.storage_options = storage_options
         self.prefix = _url_prefix(pattern)
+        self.infos: dict[str, Mapping[str, Any]] = {}  # path -> the listing's entry (size, ETag, mtime)
         # A long-lived process caches listings per filesystem instance; a job must see storage as it is now.
         self.fs.invalidate_cache()
 
@@ -79,6 +80,7 @@ class _Expander:
         except Exception as exc:
             raise self.failed(f"listing glob {self.url(path)!r}", exc) from exc
         tars = sorted(p for p, info in found.items() if info.get("type") == "file" and p.endswith(self.suffixes))
+        self.infos.update((p, found[p]) for p in tars)
         if not tars:
             # s3fs answers a glob in a missing bucket with no matches; say when that is why.
             root = posixpath.dirname(path[: min(path.index(c) for c in _GLOB_CHARS if c in path)])
@@ -99,6 +101,7 @@ class _Expander:
         except Exception as exc:
             raise self.failed(f"listing folder {self.url(path)!r}", exc) from exc
         tars = sorted(p for p, info in found.items() if info.get("type") == "file" and p.endswith(self.suffixes))
+        self.infos.update((p, found[p]) for p in tars)
         if not tars:
             raise ShardListingError(self.pattern, f"folder {self.url(path)!r} matched no {self.kind} shards "
                                                   "(searched recursively)")
@@ -148,6 +151,7 @@ class _Expander:
                 out.extend(self.folder(p))
             else:
                 out.append(p)
+                self.infos[p] = entry
         if missing:
             named = ", ".join(missing[:_MAX_NAMED])
             more = f" and {len(missing) - _MAX_NAMED} more" if len(missing) > _MAX_NAMED else ""
@@ -180,6 +184,61 @@ class _Expander:
             out.extend(self.literals(literal))
         return [self.url(p) for p in out]
 
+    def expand_versions(self) -> dict[str, dict[str, Any]]:
+        """`expand`, each URL with its `input_version` from the same listing (no request more)."""
+        urls = self.expand()  # fills self.infos
+        paths = {self.url(p): p for p in self.infos}
+        return {url: input_version(self.infos.get(paths.get(url, ""))) for url in urls}
+
+
+def input_version(info: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What identifies one version of an input object, from its listing entry: its size, and the
+    ETag (S3, Azure), generation (GCS) or modification time (local disks, others) the store gives.
+    Empty when the listing gave nothing (then a change cannot be told)."""
+    if not info:
+        return {}
+    out: dict[str, Any] = {}
+    if isinstance(info.get("size"), int):
+        out["size"] = info["size"]
+    for key in ("generation", "ETag", "etag"):
+        if info.get(key) not in (None, ""):
+            out["etag"] = str(info[key]).strip('"')
+            return out
+    for key in ("mtime", "LastModified", "last_modified", "updated"):
+        if info.get(key) not in (None, ""):
+            value = info[key]
+            out["mtime"] = value.isoformat() if hasattr(value, "isoformat") else repr(value)
+            break
+    return out
+
+
+def version_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> str | None:
+    """How an input changed between two versions (`size 31,744 -> 52,224 bytes`), None when the
+    fields both have agree (a record made before versions were kept has none: no change is told)."""
+    changes = [f"{k} {old[k]:,} -> {new[k]:,} bytes" if k == "size" else f"{k} {old[k]} -> {new[k]}"
+               for k in ("size", "etag", "mtime") if k in old and k in new and old[k] != new[k]]
+    return "; ".join(changes) or None
+
+
+class InputShards(dict):
+    """Output name -> input URL (what `check_unique_names` gives), with `versions`: output name ->
+    `input_version` from the listing, so that planning can tell an input that changed since its
+    shard was committed without a request per shard."""
+
+    def __init__(self, names: Mapping[str, str], versions: Mapping[str, Mapping[str, Any]]) -> None:
+        super().__init__(names)
+        self.versions: dict[str, dict[str, Any]] = {n: dict(versions.get(u, {})) for n, u in names.items()}
+
+
+def list_inputs(patterns: Sequence[str], storage_options: Mapping[str, Any] | None = None) -> InputShards:
+    """The input tar shards by output name, with their versions (see `expand_inputs`)."""
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    versions: dict[str, dict[str, Any]] = {}
+    for url, version in _expand(patterns, storage_options, (TAR_SUFFIX,), with_versions=True).items():
+        versions.setdefault(url, version)
+    return InputShards(check_unique_names(versions), versions)
+
 
 def expand_inputs(patterns: Sequence[str], storage_options: Mapping[str, Any] | None = None, *,
                   suffixes: tuple[str, ...] = (TAR_SUFFIX,)) -> list[str]:
@@ -191,17 +250,25 @@ def expand_inputs(patterns: Sequence[str], storage_options: Mapping[str, Any] | 
     paths come back absolute. Raises ShardListingError when a listing fails, a named shard is
     missing, or a pattern matches no `.tar` shard. `suffixes` names other shard files (latent shards).
     """
+    return list(_expand(patterns, storage_options, suffixes, with_versions=False))
+
+
+def _expand(patterns: Sequence[str], storage_options: Mapping[str, Any] | None, suffixes: tuple[str, ...], *,
+            with_versions: bool) -> dict[str, dict[str, Any]]:
     if isinstance(patterns, str):
         patterns = [patterns]  # a lone string is a Sequence of characters; take it as one pattern
     if not patterns:
         raise ShardListingError("", "no input patterns given; expected at least one URL, glob or folder")
     options = dict(storage_options or {})
-    urls: list[str] = []
+    urls: dict[str, dict[str, Any]] = {}
     for pattern in patterns:
         if not pattern or not pattern.strip():
             raise ShardListingError(pattern, "empty pattern; expected a URL, glob or folder")
-        urls.extend(_Expander(pattern, options, suffixes).expand())
-    return list(dict.fromkeys(urls))
+        expander = _Expander(pattern, options, suffixes)
+        found = expander.expand_versions() if with_versions else {u: {} for u in expander.expand()}
+        for url, version in found.items():
+            urls.setdefault(url, version)
+    return urls
 
 
 def shard_name(url: str) -> str:

@@ -176,9 +176,11 @@ class _EOFGuard:
         # stream cut short would raise with up to a block of good data not yet handed over.
         self._read = getattr(fileobj, "read1", fileobj.read)
         self._empty = 0
+        self.count = 0  # tar bytes read so far (after decompression)
 
     def read(self, size: int = -1) -> bytes:
         data = self._read(size)
+        self.count += len(data)
         if data or size == 0:
             self._empty = 0
             return data
@@ -260,9 +262,9 @@ def _members(fileobj: IO[bytes], url: str, flagged: dict[str, str],
     never yielded.
     """
     last_key: str | None = None
+    guard = _EOFGuard(_decompressed(_Source(fileobj)))
     try:
-        stream = tarfile.open(fileobj=_EOFGuard(_decompressed(_Source(fileobj))), mode="r|",  # type: ignore[arg-type]
-                              tarinfo=_StrictTarInfo)
+        stream = tarfile.open(fileobj=guard, mode="r|", tarinfo=_StrictTarInfo)  # type: ignore[arg-type]
     except _CORRUPT_TAR_ERRORS as exc:
         raise _CorruptTar(None, f"{type(exc).__name__}: {exc}") from exc
     with stream:
@@ -302,7 +304,11 @@ def _members(fileobj: IO[bytes], url: str, flagged: dict[str, str],
             except _CORRUPT_TAR_ERRORS as exc:
                 if last_key is not None and key != last_key:
                     yield {}
-                raise _CorruptTar(key, f"{type(exc).__name__}: {exc} in member {name!r}") from exc
+                end = info.offset_data + info.size
+                short = (f"; the tar ends after {guard.count:,} bytes, and this member's {info.size:,} bytes "
+                         f"run to byte {end:,} (a file cut short, as a tool still writing it leaves it)"
+                         if guard.count < end else "")
+                raise _CorruptTar(key, f"{type(exc).__name__}: {exc} in member {name!r}{short}") from exc
             yield {"fname": name, "data": data, "__url__": url}
             last_key = key
 

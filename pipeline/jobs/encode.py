@@ -23,7 +23,7 @@ from pipeline.core.kind import JobKind, JobPlan, PlanContext, ShardContext, shar
 from pipeline.core.ledger import Ledger, LedgerError
 from pipeline.core.scheduler import ShardTask
 from pipeline.io.latent_writers import LatentRecord, ShardWriter, make_writer
-from pipeline.io.shards import check_unique_names, expand_inputs
+from pipeline.io.shards import list_inputs
 from pipeline.io.tar_reader import ShardReadError, iter_shard
 from pipeline.jobs.vae_worker import (VAE_FLAGS, VAEWorker, add_vae_arguments, compute_device_and_dtype,
                                       vae_identity, vae_provenance)
@@ -190,7 +190,7 @@ class EncodeJob(JobKind):
         p.add_argument("--latent-dtype", choices=["float16", "float32"], help="storage precision")
 
     def inputs(self, cfg: EncodeConfig) -> dict[str, str]:  # type: ignore[override]
-        return check_unique_names(expand_inputs(cfg.input, cfg.storage_options))
+        return list_inputs(cfg.input, cfg.storage_options)
 
     def wants_gpu(self, cfg: EncodeConfig) -> bool:  # type: ignore[override]
         return cfg.vae.device != "cpu"
@@ -206,7 +206,8 @@ class EncodeJob(JobKind):
                     "passthrough": list(find_passthrough(cfg, inputs))}
         # `resolution` repeats preprocess.resolution, as 0.1's shard metadata had it, for readers that look there.
         provenance = {**vae_provenance(cfg.vae, info.random_weights), "resolution": cfg.preprocess.resolution}
-        return JobPlan(inputs=dict(inputs), identity=identity, provenance=provenance, data_extension=cfg.format)
+        return JobPlan(inputs=dict(inputs), identity=identity, provenance=provenance, data_extension=cfg.format,
+                       input_versions=dict(getattr(inputs, "versions", {})))
 
     def worker(self, cfg: EncodeConfig, plan: JobPlan) -> EncodeWorker:  # type: ignore[override]
         return EncodeWorker(cfg, plan)
