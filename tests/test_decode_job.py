@@ -213,6 +213,7 @@ def test_posterior_sampling_is_seeded_and_differs_from_the_mode(encoded, tmp_pat
     assert np.abs(px["p1"] - want.astype(int)).max() <= 1
 
 
+@pytest.mark.driver
 def test_decode_interrupted_then_resumed_writes_every_key_once(ray_cluster, tmp_path):
     import ray
 

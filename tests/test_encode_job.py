@@ -196,6 +196,7 @@ def test_failing_shard_is_retried_given_up_then_resumed(ray_cluster, tmp_path):
     assert len(keys) == len(set(keys)) == 12
 
 
+@pytest.mark.driver
 def test_killed_driver_then_resume_writes_every_key_once(ray_cluster, tmp_path):
     import ray
 

@@ -158,10 +158,11 @@ def _alive(pids: set[int]) -> list[int]:
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
 def test_ctrl_c_or_sigterm_stops_cleanly_and_a_rerun_resumes(tmp_path, sig, code, word):
-    inputs = imagedata.photo_shards(tmp_path / "shards", 60)
+    # Long enough that the signal lands mid-job on a fast machine too: full JPEG decodes at 128 px.
+    inputs = imagedata.photo_shards(tmp_path / "shards", 150)
     out = tmp_path / "out"
-    args = ["encode", "--input", inputs, "--output", str(out), "--vae", "random:tiny", "--resolution", "64",
-            "--batch-size", "2", "--progress-every", "0.5"]
+    args = ["encode", "--input", inputs, "--output", str(out), "--vae", "random:tiny", "--resolution", "128",
+            "--batch-size", "2", "--progress-every", "0.5", "--set", "preprocess.jpeg_draft=false"]
     proc = _driver(args)
     records = out / CURRENT.records
     _wait(proc, lambda: records.exists() and len(list(records.glob("*.json"))) >= 2)
@@ -187,10 +188,10 @@ def test_ctrl_c_or_sigterm_stops_cleanly_and_a_rerun_resumes(tmp_path, sig, code
     stopped = _cli("status", str(out))
     assert stopped.returncode == 3 and "STOPPED (no driver runs)" in stopped.stdout, stopped.stdout
     committed = len(list(records.glob("*.json")))
-    assert 2 <= committed < 60
+    assert 2 <= committed < 150
     again = _cli(*args)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"{60 - committed} shard(s) processed and {committed} already committed" in again.stdout
+    assert f"{150 - committed} shard(s) processed and {committed} already committed" in again.stdout
     verified = _cli("verify", str(out), "--source", inputs)
     assert verified.returncode == 0, verified.stdout + verified.stderr  # every key once
 
@@ -199,10 +200,10 @@ def test_ctrl_c_or_sigterm_stops_cleanly_and_a_rerun_resumes(tmp_path, sig, code
 @pytest.mark.ray
 @pytest.mark.slow
 def test_status_of_a_killed_driver_is_stopped_with_its_last_heartbeat(tmp_path):
-    inputs = imagedata.photo_shards(tmp_path / "shards", 30)
+    inputs = imagedata.photo_shards(tmp_path / "shards", 100)
     out = tmp_path / "out"
-    proc = _driver(["encode", "--input", inputs, "--output", str(out), "--vae", "random:tiny", "--resolution", "64",
-                    "--batch-size", "2"])
+    proc = _driver(["encode", "--input", inputs, "--output", str(out), "--vae", "random:tiny", "--resolution", "128",
+                    "--batch-size", "2", "--set", "preprocess.jpeg_draft=false"])
     records = out / CURRENT.records
     _wait(proc, lambda: records.exists() and len(list(records.glob("*.json"))) >= 1)
     os.kill(proc.pid, signal.SIGKILL)
