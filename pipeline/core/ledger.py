@@ -532,8 +532,9 @@ class Ledger:
         """The names this job would write (data files, whole-job outputs) that the folder holds
         already and no latentcache manifest or record of this folder accounts for: latentcache never
         replaces or removes an object it did not write (a dataset tool's `00000.parquet` beside its
-        tars, say). One listing of the data folder; the records are read only when a name is not the
-        old manifest's."""
+        tars, say). Reads the manifest; lists the data folder only for names the old manifest does
+        not hold (none, when a job resumes over the same shards), and reads the records only when
+        one of those is present."""
         folder = str(manifest.get("data_dir", ""))
         prefix = f"{folder}/" if folder else ""
 
@@ -542,20 +543,19 @@ class Ledger:
             names = {f"{sub + '/' if sub else ''}{n}.{ext}" for n in m.get("shards", {})}
             return names | {o for o in m.get("outputs", ()) if isinstance(o, str) and not o.endswith("/")}
 
-        wanted = would_write(manifest)
+        try:
+            old = self.read_manifest()
+        except LedgerError:
+            old = None
+        # A resume of the same shards writes only names its manifest already holds: nothing to list.
+        wanted = would_write(manifest) - (would_write(old) if old is not None else set())
+        if not wanted:
+            return []
         present = {prefix + posixpath.basename(e["name"])
                    for e in self._ls(self._path(folder) if folder else self.root) if e["type"] == "file"}
         if folder:
             present |= {posixpath.basename(e["name"]) for e in self._ls(self.root) if e["type"] == "file"}
         clash = wanted & present
-        if not clash:
-            return []
-        try:
-            old = self.read_manifest()
-        except LedgerError:
-            old = None
-        if old is not None:
-            clash -= would_write(old)
         if clash and old is not None:
             for where, raw in self._raw_records().values():
                 try:
