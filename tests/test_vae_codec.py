@@ -176,3 +176,29 @@ def test_preset_that_contradicts_the_config_scaling_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"preset 'sd15' has scaling_factor=0.18215, but .* says 0.13025"):
         load_vae(str(tmp_path / "sdxl"), preset="sd15")
     assert load_vae(str(tmp_path / "sdxl"), preset="sdxl").scaling_factor == 0.13025
+
+
+def test_group_norm_op_matches_group_norm_and_passes_opcheck():
+    """The op torch.compile sees instead of GroupNorm(+SiLU): same values, a valid schema and fake."""
+    from vae.model import _group_norm_op
+
+    x = torch.randn(2, 32, 8, 8).contiguous(memory_format=torch.channels_last)
+    w, b = torch.rand(32) + 0.5, torch.randn(32)
+    plain = F.group_norm(x, 8, w, b, 1e-6)
+    assert torch.equal(_group_norm_op(x, w, b, 8, 1e-6, False), plain)
+    fused = _group_norm_op(x, w, b, 8, 1e-6, True)
+    assert torch.equal(fused, F.silu(plain))
+    assert fused.is_contiguous(memory_format=torch.channels_last)
+    for silu in (False, True):
+        torch.library.opcheck(_group_norm_op, (x, w, b, 8, 1e-6, silu),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.slow
+def test_compiled_codec_matches_eager():
+    x = _photo(64).repeat(2, 1, 1, 1)
+    eager = load_vae("random:tiny", seed=0, tile_size=None)
+    compiled = load_vae("random:tiny", seed=0, tile_size=None, compile=True)
+    mean = eager.encode(x).mean
+    assert rel_err(compiled.encode(x).mean, mean) < 1e-5
+    assert rel_err(compiled.decode(mean), eager.decode(mean)) < 1e-5
