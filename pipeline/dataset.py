@@ -19,7 +19,8 @@ Every sample is a dict:
                       `*.json`) parsed with json.loads, binary as bytes; absent when the sample
                       lacks it
 
-All shards must agree on `vae_fingerprint`, `preset`, `scaling_factor`, `shift_factor` and
+All shards must agree on `vae_fingerprint`, `preset`, the latent scaling (`scaling_factor`,
+`shift_factor`, and `latents_mean`/`latents_std` where the VAE normalises per channel) and
 `preprocess` (and the fingerprint must equal `expect_fingerprint` when given); this is checked in
 `__init__` from each shard's footer/header and refused with `IncompatibleShardsError`.
 
@@ -49,7 +50,9 @@ epoch included, each time the loader is iterated. With `DataLoader(batch_size=No
 converts tuples to lists (`original_size` arrives as [h, w]). With `drop_last=True` each worker
 drops its own partial batches, up to (number of shapes) x (batch_size - 1) samples per worker and
 epoch. `ds.metadata` is the first shard's metadata dict (str values; `scaling_factor`,
-`shift_factor`, `vae_fingerprint`, ... are the same in every shard), e.g. for decoding samples.
+`shift_factor`, `vae_fingerprint`, ... are the same in every shard), and `ds.scaling` the latent
+scaling it records (a `vae.presets.LatentScaling`: `ds.scaling.unscale(latent)` is what the VAE
+decodes).
 
 Memory per worker: `shuffle_buffer` samples as stored (float16 latents, plus log-variance with
 sample="posterior"), plus what `pipeline.io.latent_reader` holds for the one open shard (a Parquet row
@@ -72,11 +75,13 @@ from torch.utils.data import IterableDataset, get_worker_info
 from pipeline.config import SAMPLE_MODES
 from pipeline.io.latent_reader import read_latents, read_shard_metadata, shard_urls
 from pipeline.posterior import generator, sample_scaled, seed_of
+from vae.presets import LatentScaling
 
 logger = logging.getLogger(__name__)
 
 # Shard metadata that every shard of one dataset must agree on.
-COMPATIBILITY_KEYS = ("vae_fingerprint", "preset", "scaling_factor", "shift_factor", "preprocess")
+COMPATIBILITY_KEYS = ("vae_fingerprint", "preset", "scaling_factor", "shift_factor", "latents_mean", "latents_std",
+                      "preprocess")
 _OWN_FIELDS = frozenset({"key", "latent", "latent_flip", "original_size", "crop_top_left", "target_size"})
 _METADATA_THREADS = 16
 
@@ -95,7 +100,7 @@ def _comparable(key: str, value: str | None) -> Any:
     try:
         if key in ("scaling_factor", "shift_factor"):
             return float(value)
-        if key == "preprocess":
+        if key in ("preprocess", "latents_mean", "latents_std"):
             return json.loads(value)
     except (TypeError, ValueError):
         pass
@@ -174,8 +179,8 @@ class LatentDataset(IterableDataset):
 
     rank, world_size: this process's place among the training processes; taken from
         torch.distributed when it is initialised (then they may be omitted), else default 0 and 1.
-    sample: "mode" (the stored scaled mean) or "posterior" (mean + scaling_factor * std * eps,
-        eps ~ N(0, 1) seeded from (seed, epoch, key): reproducible whatever the worker layout).
+    sample: "mode" (the stored scaled mean) or "posterior" (mean + gain * std * eps, gain the
+        scaling_factor, per channel divided by latents_std where set; eps ~ N(0, 1) seeded from (seed, epoch, key): reproducible whatever the worker layout).
     seed: seeds the shard order, the buffer shuffle and the posterior noise.
     expect_fingerprint: refuse shards whose vae_fingerprint differs.
     shuffle: a seeded shard order per epoch (the same on every rank) and a shuffle of samples
@@ -216,9 +221,13 @@ class LatentDataset(IterableDataset):
         _check_compatible(self.shards, metas, expect_fingerprint)
         self.metadata: dict[str, str] = dict(metas[0])
         self.scaling_factor: float | None = _comparable("scaling_factor", self.metadata.get("scaling_factor"))
-        if sample == "posterior" and not isinstance(self.scaling_factor, float):
-            raise ValueError(f"sample='posterior' needs the shards' scaling_factor; {self.shards[0]} has "
-                             f"{self.metadata.get('scaling_factor')!r}; expected a number")
+        self.scaling: LatentScaling | None
+        try:
+            self.scaling = LatentScaling.from_metadata(self.metadata, where=f"latent shard {self.shards[0]}")
+        except ValueError as e:
+            if sample == "posterior":
+                raise ValueError(f"sample='posterior' needs the shards' latent scaling: {e}") from None
+            self.scaling = None  # the stored latents are yielded as they are; nothing to scale
 
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch (call before iterating the DataLoader): it changes the shuffled shard
@@ -287,8 +296,9 @@ class LatentDataset(IterableDataset):
         return out
 
     def _posterior(self, mean: np.ndarray, logvar: np.ndarray, g: torch.Generator) -> torch.Tensor:
-        """See pipeline.posterior: the scaled mean plus scaled noise, (z - shift) * scale for z ~ N(mean, var)."""
-        return sample_scaled(_tensor(mean), _tensor(logvar), float(self.scaling_factor), g)
+        """See pipeline.posterior: the scaled mean plus scaled noise, scale(z) for z ~ N(mean, var)."""
+        assert self.scaling is not None  # checked in __init__ for sample="posterior"
+        return sample_scaled(_tensor(mean), _tensor(logvar), self.scaling, g)
 
     def __repr__(self) -> str:
         return (f"LatentDataset({len(self.shards)} shards, rank {self.rank}/{self.world_size}, "

@@ -35,6 +35,7 @@ from pipeline.core.ledger import Ledger
 from pipeline.core.storage import join, write_atomically, write_bytes_atomically
 from pipeline.jobs.audit import METRIC_COLUMNS, PART_SCHEMA, LowestK
 from pipeline.metrics import CLIP_MARGIN, HEAT_MAX, SATURATED_FRACTION
+from vae.presets import LatentScaling
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +252,7 @@ def _page(s: Mapping[str, Any]) -> str:
     summary = _table([
         ("latents", ", ".join(s["latents"]["inputs"])),
         ("VAE", f"{vae['source']} (preset {vae['preset']}, fingerprint {vae['fingerprint']})"),
-        ("scaling", f"factor {vae['scaling_factor']}, shift {vae['shift_factor']}; compute {vae['compute_dtype']}"),
+        ("scaling", f"{LatentScaling.from_metadata(vae).describe()}; compute {vae['compute_dtype']}"),
         ("audited", f"{s['audited']['latents']} latents of {s['audited']['keys']} keys"
                     + (f" (a seeded sample of {s['audited']['sample']}, seed {s['audited']['seed']})"
                        if s["audited"]["sample"] else " (every latent)")),
@@ -356,7 +357,7 @@ def write_report(cfg: AuditConfig, plan: JobPlan, ledger: Ledger) -> dict[str, A
         "code_version": __version__,
         "vae": {"source": provenance.get("vae_source"), "random_weights": bool(provenance.get("vae_random_weights")),
                 "fingerprint": identity["vae_fingerprint"], "preset": identity["preset"],
-                "scaling_factor": identity["scaling_factor"], "shift_factor": identity["shift_factor"],
+                **LatentScaling.from_metadata(identity, where="the audit's identity").identity(),
                 "compute_dtype": identity["compute_dtype"]},
         "audited": {"latents": totals.rows, "scored": int(psnr.size), "keys": sum(r.samples_written for r in records),
                     "sample": cfg.samples, "seed": cfg.seed},

@@ -148,6 +148,8 @@ class VAECodec:
     ) -> None:
         self.preset = preset
         self.config = preset.arch
+        self.scaling = preset.scaling
+        self.scaling.check_channels(preset.arch.latent_channels, f"preset {preset.name!r}")
         self.scaling_factor = preset.scaling_factor
         self.shift_factor = preset.shift_factor
         self.fingerprint = fingerprint
@@ -187,12 +189,13 @@ class VAECodec:
     # --- scaling -------------------------------------------------------------------------------
 
     def scale(self, mean: torch.Tensor) -> torch.Tensor:
-        """Posterior mean -> the latent a diffusion model trains on: (mean - shift) * scale."""
-        return (mean - self.shift_factor) * self.scaling_factor
+        """Posterior mean -> the latent a diffusion model trains on: (mean - shift) * scale, or per
+        channel (mean - latents_mean) * scale / latents_std (see LatentScaling)."""
+        return self.scaling.scale(mean)
 
     def unscale(self, latents: torch.Tensor) -> torch.Tensor:
         """The inverse of `scale`."""
-        return latents / self.scaling_factor + self.shift_factor
+        return self.scaling.unscale(latents)
 
     # --- encode / decode ----------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from vae import PRESETS, inspect_vae
+from vae.presets import LatentScaling
 
 from pipeline.config import DecodeConfig, VAEConfig
 from pipeline.core.kind import JobKind, JobPlan, PermanentShardError, PlanContext, PlanError, ShardContext
@@ -126,11 +127,13 @@ def check_latent_shard(url: str, codec: Any, storage_options: Mapping[str, Any] 
     if fingerprint != codec.fingerprint:
         raise PermanentShardError(f"latent shard {url} was made with the VAE {fingerprint}; this job decodes "
                                   f"with {codec.fingerprint} ({codec.source})")
-    scaling = (float(meta.get("scaling_factor", "nan")), float(meta.get("shift_factor", "nan")))
-    if scaling != (codec.scaling_factor, codec.shift_factor):
-        raise PermanentShardError(
-            f"latent shard {url} is scaled by {scaling[0]} with shift {scaling[1]}; the "
-            f"{codec.preset.name} VAE uses {codec.scaling_factor} and {codec.shift_factor}")
+    try:
+        scaling = LatentScaling.from_metadata(meta, where=f"latent shard {url}")
+    except ValueError as e:
+        raise PermanentShardError(str(e)) from None
+    if scaling != codec.scaling:
+        raise PermanentShardError(f"latent shard {url} is scaled with {scaling.describe()}; the "
+                                  f"{codec.preset.name} VAE uses {codec.scaling.describe()}")
     return meta
 
 
@@ -200,7 +203,7 @@ class DecodeWorker(VAEWorker):
             if logvar is None or logvar.shape != latent.shape or not np.isfinite(logvar).all():
                 return bad("has no finite log-variance of its shape to sample the posterior from")
             z = sample_scaled(torch.from_numpy(z), torch.from_numpy(logvar.astype(np.float32)),
-                              self.codec.scaling_factor, generator(self.cfg.seed, key)).numpy()
+                              self.codec.scaling, generator(self.cfg.seed, key)).numpy()
         return PreparedLatent(key, z, meta)
 
     def batch_key(self, prepared: PreparedLatent) -> Hashable:

@@ -7,7 +7,7 @@ import argparse
 import threading
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
-from vae import NonFiniteError, VAECodec, load_vae
+from vae import PRESETS, NonFiniteError, VAECodec, load_vae
 
 from pipeline import __version__
 from pipeline.config import VAEConfig
@@ -24,7 +24,7 @@ VAE_FLAGS = {"vae": "vae.source", "preset": "vae.preset", "dtype": "vae.dtype", 
 
 def add_vae_arguments(p: argparse.ArgumentParser, *, vae_help: str) -> None:
     p.add_argument("--vae", help=vae_help)
-    p.add_argument("--preset", help="VAE family: sd15, sdxl, sd3, flux, tiny (sets the architecture and scaling)")
+    p.add_argument("--preset", help=f"VAE family: {', '.join(PRESETS)} (sets the architecture and scaling)")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], help="compute precision")
     p.add_argument("--device", help="auto, cpu, cuda")
     p.add_argument("--batch-size", type=int)
@@ -51,8 +51,8 @@ def build_codec(cfg: VAEConfig, storage_options: Mapping[str, Any] | None = None
 
 def vae_identity(fingerprint: str, preset: Any, compute_dtype: str) -> dict[str, Any]:
     """The VAE's part of a job identity: which weights, which latent scaling, which precision."""
-    return {"vae_fingerprint": fingerprint, "preset": preset.name, "scaling_factor": float(preset.scaling_factor),
-            "shift_factor": float(preset.shift_factor), "compute_dtype": compute_dtype}
+    return {"vae_fingerprint": fingerprint, "preset": preset.name, **preset.scaling.identity(),
+            "compute_dtype": compute_dtype}
 
 
 def vae_provenance(cfg: VAEConfig, random_weights: bool) -> dict[str, Any]:
