@@ -239,3 +239,44 @@ def test_actor_deaths_between_tasks_cost_no_attempt(ray_cluster, tmp_path):
 
     tmp = os.path.join(out, ".latentcache", "tmp")
     assert not os.path.isdir(tmp) or os.listdir(tmp) == [], "a killed actor's temp file outlived the job"
+
+
+def test_actors_get_malloc_settings_that_keep_large_blocks_in_the_heap(ray_cluster):
+    """glibc reads GLIBC_TUNABLES only at exec: the actors' environment must carry it. In a Ray
+    worker started with it, a 48 MiB block allocated on a thread (as the actors' shard threads run
+    the model) comes from the main heap, which is kept, not from an mmap unmapped on free or a
+    thread arena (the minor faults this saves are measured in BENCHMARKS.md)."""
+    import ray
+
+    assert runner.actor_env({})["GLIBC_TUNABLES"] == runner.ACTOR_GLIBC_TUNABLES
+    assert runner.actor_env({"GLIBC_TUNABLES": ""})["GLIBC_TUNABLES"] == ""  # the user's own wins
+    assert "AWS_SECRET_ACCESS_KEY" not in runner.actor_env({"AWS_SECRET_ACCESS_KEY": "x", "AWS_REGION": "r"})
+
+    @ray.remote(num_cpus=0)
+    def where_a_large_block_lives() -> tuple[str, str]:
+        import os
+        import threading
+
+        import torch
+
+        found: list[str] = []
+
+        def work() -> None:
+            x = torch.empty(12 << 20)  # 48 MiB of float32, an activation's size
+            for line in open("/proc/self/maps"):
+                fields = line.split()
+                lo, hi = (int(v, 16) for v in fields[0].split("-"))
+                if lo <= x.data_ptr() < hi:
+                    found.append(fields[5] if len(fields) > 5 else "anonymous mapping")
+
+        t = threading.Thread(target=work)
+        t.start()
+        t.join()
+        return os.environ.get("GLIBC_TUNABLES", ""), found[0]
+
+    tuned = where_a_large_block_lives.options(runtime_env={"env_vars": runner.actor_env({})}).remote()
+    default = where_a_large_block_lives.options(runtime_env={"env_vars": {"GLIBC_TUNABLES": ""}}).remote()
+    (env, tuned_place), (_, default_place) = ray.get([tuned, default], timeout=120)
+    assert env == runner.ACTOR_GLIBC_TUNABLES
+    assert tuned_place == "[heap]"
+    assert default_place != "[heap]"

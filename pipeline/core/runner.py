@@ -38,6 +38,16 @@ log = logging.getLogger(__name__)
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
                  "HF_HUB_OFFLINE", "HF_HOME", "HF_HUB_CACHE")
 
+# glibc's malloc settings for the actors' processes (glibc reads GLIBC_TUNABLES only when a process
+# starts, and Ray sets runtime_env variables before it starts an actor's worker). By default glibc
+# unmaps every freed block of 32 MiB or more, and trims the heap top, so each large activation is
+# page-faulted in again on every op; a thread other than the main one (the actor's shard threads)
+# gets its own arena of at most 64 MiB heaps, which mmaps whatever the threshold, hence arena_max=1.
+# Measured on the codec as an actor runs it: 1.09-1.31x (BENCHMARKS.md). The cost: an actor's RSS
+# stays at its peak. A GLIBC_TUNABLES in the driver's environment (empty: glibc's defaults) wins.
+ACTOR_GLIBC_TUNABLES = ("glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296:"
+                        "glibc.malloc.arena_max=1")
+
 # Shards in flight per actor: the next shard's reading and decoding overlap this one's model steps.
 SHARDS_PER_ACTOR = 2
 
@@ -294,15 +304,22 @@ def _finished(kind: JobKind, cfg: RunConfig, job: JobPlan, t0: float, random_wei
                       result=dict(last_run.get("result") or {}))
 
 
+def actor_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment variables the actors get from the driver's `environ` (never secrets)."""
+    env = {k: environ[k] for k in FORWARDED_ENV if k in environ}
+    env["GLIBC_TUNABLES"] = environ.get("GLIBC_TUNABLES", ACTOR_GLIBC_TUNABLES)
+    return env
+
+
 def _start_pool(kind: JobKind, cfg: RunConfig, job: JobPlan, n_actors: int, demand: ActorDemand,
                 guard: Mapping[str, Any]) -> ActorPool:
     import ray
 
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env = actor_env(os.environ)
     remote = ray.remote(JobActor).options(
         max_concurrency=SHARDS_PER_ACTOR,
         max_restarts=-1, max_task_retries=0,  # retries are the scheduler's decision, not Ray's
-        runtime_env={"env_vars": env} if env else None, **demand.ray_options())
+        runtime_env={"env_vars": env}, **demand.ray_options())
     pool = ActorPool(lambda: remote.remote(kind.name, cfg, job, dict(guard)), size=n_actors,
                      slots=SHARDS_PER_ACTOR, startup_timeout_s=cfg.retry.actor_start_timeout_s)
     try:
