@@ -4,6 +4,7 @@ a start-up timeout), the runner's plan-before-actors order, and errors that carr
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -280,3 +281,29 @@ def test_actors_get_malloc_settings_that_keep_large_blocks_in_the_heap(ray_clust
     assert env == runner.ACTOR_GLIBC_TUNABLES
     assert tuned_place == "[heap]"
     assert default_place != "[heap]"
+
+
+def test_a_local_ray_the_driver_starts_gives_its_workers_the_malloc_settings(tmp_path):
+    """Inherited, not through a runtime_env (which would rule out Ray's prestarted workers); the
+    driver's own environment is left as it was."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import os, ray
+from pipeline.core import runner
+assert runner._ensure_ray(None)
+try:
+    @ray.remote(num_cpus=0)
+    def env():
+        return os.environ.get("GLIBC_TUNABLES")
+    print(repr(ray.get(env.remote(), timeout=60)), repr(os.environ.get("GLIBC_TUNABLES")))
+finally:
+    ray.shutdown()
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RAY_ADDRESS")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=str(Path(__file__).resolve().parent.parent))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [repr(runner.ACTOR_GLIBC_TUNABLES), "None"]

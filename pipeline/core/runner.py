@@ -45,6 +45,8 @@ FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION"
 # gets its own arena of at most 64 MiB heaps, which mmaps whatever the threshold, hence arena_max=1.
 # Measured on the codec as an actor runs it: 1.09-1.31x (BENCHMARKS.md). The cost: an actor's RSS
 # stays at its peak. A GLIBC_TUNABLES in the driver's environment (empty: glibc's defaults) wins.
+# A local Ray started by the driver inherits them (with FORWARDED_ENV); only actors on a cluster get
+# them through runtime_env, since a runtime_env rules out Ray's prestarted workers (+1.6 s per start).
 ACTOR_GLIBC_TUNABLES = ("glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296:"
                         "glibc.malloc.arena_max=1")
 
@@ -101,12 +103,19 @@ class _TokenNotice(logging.Filter):
         return "Token authentication is enabled for this Ray cluster" not in record.getMessage()
 
 
+def _starts_local_ray(address: str | None) -> bool:
+    """Whether ray.init(address) starts a Ray of its own rather than joining a cluster."""
+    return address is None and not os.environ.get("RAY_ADDRESS")
+
+
 def _ensure_ray(address: str | None) -> bool:
-    """Connect to Ray (or start a local one); returns True when this call started it."""
+    """Connect to Ray (or start a local one); returns True when this call started it. A local Ray
+    started here has ACTOR_GLIBC_TUNABLES in its environment, so its workers start with them."""
     import ray
 
     if ray.is_initialized():
         return False
+    starts_local = _starts_local_ray(address)
     if address is None:
         # Ray warns on every local start that it turned token authentication on (README explains it once).
         token_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
@@ -118,7 +127,15 @@ def _ensure_ray(address: str | None) -> bool:
     on_main = threading.current_thread() is threading.main_thread()
     caller_sigterm = signal.getsignal(signal.SIGTERM) if on_main else None
     try:
-        ray.init(address=address, include_dashboard=False, log_to_driver=True)
+        # Ray's daemons and workers take the environment of this process as it is at ray.init.
+        tunables = starts_local and "GLIBC_TUNABLES" not in os.environ
+        if tunables:
+            os.environ["GLIBC_TUNABLES"] = ACTOR_GLIBC_TUNABLES
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=True)
+        finally:
+            if tunables:
+                del os.environ["GLIBC_TUNABLES"]
         if callable(caller_sigterm):
             # Ray installs its own SIGTERM handler, which exits at once: the caller's (the CLI's clean
             # stop: in-flight shards abandoned, actors and this Ray stopped) must stay in charge.
@@ -312,14 +329,16 @@ def actor_env(environ: Mapping[str, str]) -> dict[str, str]:
 
 
 def _start_pool(kind: JobKind, cfg: RunConfig, job: JobPlan, n_actors: int, demand: ActorDemand,
-                guard: Mapping[str, Any]) -> ActorPool:
+                guard: Mapping[str, Any], *, inherited_env: bool) -> ActorPool:
+    """`inherited_env`: the actors run in a local Ray this driver started, which has the
+    environment actor_env would give them already."""
     import ray
 
-    env = actor_env(os.environ)
+    env = {} if inherited_env else actor_env(os.environ)
     remote = ray.remote(JobActor).options(
         max_concurrency=SHARDS_PER_ACTOR,
         max_restarts=-1, max_task_retries=0,  # retries are the scheduler's decision, not Ray's
-        runtime_env={"env_vars": env}, **demand.ray_options())
+        runtime_env={"env_vars": env} if env else None, **demand.ray_options())
     pool = ActorPool(lambda: remote.remote(kind.name, cfg, job, dict(guard)), size=n_actors,
                      slots=SHARDS_PER_ACTOR, startup_timeout_s=cfg.retry.actor_start_timeout_s)
     try:
@@ -433,7 +452,8 @@ def run_job(kind: JobKind | str, cfg: RunConfig, *, ray_address: str | None = No
             lock.start_heartbeat()
             try:
                 return _run_locked(kind, cfg, job, lock, demand, fit, random_weights, t0, progress,
-                                   progress_every_s, on_result)
+                                   progress_every_s, on_result,
+                                   inherited_env=started_ray and _starts_local_ray(ray_address))
             finally:
                 lock.release()
         finally:
@@ -446,12 +466,13 @@ def run_job(kind: JobKind | str, cfg: RunConfig, *, ray_address: str | None = No
 
 def _run_locked(kind: JobKind, cfg: RunConfig, job: JobPlan, lock: JobLock, demand: ActorDemand, fit: int,
                 random_weights: bool, t0: float, progress: bool, progress_every_s: float,
-                on_result: Callable[[ShardResult], None] | None) -> JobSummary:
-    """The job, once this driver holds the output's lock; `fit`: actors the cluster has room for."""
+                on_result: Callable[[ShardResult], None] | None, *, inherited_env: bool) -> JobSummary:
+    """The job, once this driver holds the output's lock; `fit`: actors the cluster has room for;
+    `inherited_env`: the actors run in a local Ray this driver started (see _start_pool)."""
     ledger, committed, todo, changed = _open_output(kind, cfg, job)
     try:
         return _run_opened(kind, cfg, job, lock, demand, fit, random_weights, t0, progress, progress_every_s,
-                           on_result, ledger, committed, todo, changed)
+                           on_result, ledger, committed, todo, changed, inherited_env=inherited_env)
     except JobError as e:
         if lock.lost is None:  # a driver that lost the folder must not write to it
             ledger.write_failure(str(e))
@@ -461,7 +482,7 @@ def _run_locked(kind: JobKind, cfg: RunConfig, job: JobPlan, lock: JobLock, dema
 def _run_opened(kind: JobKind, cfg: RunConfig, job: JobPlan, lock: JobLock, demand: ActorDemand, fit: int,
                 random_weights: bool, t0: float, progress: bool, progress_every_s: float,
                 on_result: Callable[[ShardResult], None] | None, ledger: Ledger, committed: list[ShardRecord],
-                todo: dict[str, str], changed: int) -> JobSummary:
+                todo: dict[str, str], changed: int, *, inherited_env: bool) -> JobSummary:
     pool: ActorPool | None = None
     try:
         if random_weights:
@@ -477,7 +498,8 @@ def _run_opened(kind: JobKind, cfg: RunConfig, job: JobPlan, lock: JobLock, dema
                 if cfg.actors is not None and n_actors < min(cfg.actors, len(todo)):
                     log.warning("%d actors asked for, but the cluster has room for %d now (%s each); starting "
                                 "%d, more as nodes join", cfg.actors, fit, demand.describe(), n_actors)
-                pool = _start_pool(kind, cfg, job, n_actors, demand, lock.guard())
+                pool = _start_pool(kind, cfg, job, n_actors, demand, lock.guard(),
+                                   inherited_env=inherited_env)
                 for info in pool.infos:
                     _check_actor(kind, job, info)
                     _note_ready(info)
