@@ -3,8 +3,14 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.latentcache-installed
+INTEROP_STAMP := $(VENV)/.latentcache-interop-installed
+# The interop suite's dataset tool, installed without its requirements (see the `interop` extra).
+IMG2DATASET := img2dataset==1.47.0
+# Pinned to the torch already there: pip's backtracking over boto3/aiobotocore/s3fs otherwise
+# re-picks torch and lands on a newer CUDA build, though nothing asks for one.
+TORCH_AS_INSTALLED = "torch==$$($(PY) -c "import importlib.metadata as m; print(m.version('torch'))")"
 
-.PHONY: setup setup-browser demo demo-vae test test-fast test-chaos test-driver test-cluster bench bench-pipeline bench-memory bench-driver clean
+.PHONY: setup setup-browser setup-interop demo demo-vae test test-fast test-chaos test-driver test-cluster test-interop bench bench-pipeline bench-memory bench-driver clean
 
 setup: $(STAMP)
 
@@ -13,10 +19,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU wheel first: an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	# Pinned to the torch already there: pip's backtracking over boto3/aiobotocore/s3fs otherwise
-	# re-picks torch and lands on a newer CUDA build, though nothing asks for one.
-	$(PY) -m pip install -q -e '.[test]' "torch==$$($(PY) -c "import importlib.metadata as m; print(m.version('torch'))")"
+	$(PY) -m pip install -q -e '.[test]' $(TORCH_AS_INSTALLED)
 	touch $(STAMP)
+
+# The interop extra (what img2dataset imports), then img2dataset itself with --no-deps: its own
+# caps (pandas<3, webdataset<0.3) would downgrade what latentcache and the default suite run on.
+setup-interop: $(INTEROP_STAMP)
+
+$(INTEROP_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[test,interop]' $(TORCH_AS_INSTALLED)
+	$(PY) -m pip install -q --no-deps $(IMG2DATASET)
+	touch $(INTEROP_STAMP)
 
 # The report test opens report.html in headless Chromium: Debian's package, installed where missing.
 setup-browser:
@@ -54,6 +67,14 @@ test-driver: setup
 # `latentcache submit`, and multi-node clusters whose pool grows as nodes join (a few minutes).
 test-cluster: setup
 	$(PY) -m pytest -q -m cluster
+
+# The real tools on both sides: img2dataset downloads a dataset from a loopback HTTP server (broken
+# images, 404s, unicode captions), latentcache encodes it from the folder and from moto's S3, and
+# pandas, pyarrow, polars, DuckDB and HF datasets read the output (about 2 minutes; CI runs it).
+# albumentations (imported by img2dataset) asks the internet for a newer version unless told not to.
+test-interop: export NO_ALBUMENTATIONS_UPDATE = 1
+test-interop: setup-interop
+	$(PY) -m pytest -q -m interop
 
 bench: setup
 	$(PY) bench/bench_codec.py

@@ -13,10 +13,10 @@ import pytest
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 
-    # The chaos, driver-process and real-cluster suites run only when asked for by marker (`make
-    # test-chaos`: -m chaos; `make test-driver`: -m driver and `make test-cluster`: -m cluster, which
-    # CI runs after the default tests).
-    for marker in ("chaos", "driver", "cluster"):
+    # The chaos, driver-process, real-cluster and interop suites run only when asked for by marker
+    # (`make test-chaos`: -m chaos; `make test-driver`: -m driver, `make test-cluster`: -m cluster
+    # and `make test-interop`: -m interop, which CI runs after the default tests).
+    for marker in ("chaos", "driver", "cluster", "interop"):
         if marker not in (config.getoption("markexpr") or ""):
             held = [item for item in items if marker in item.keywords]
             if held:
