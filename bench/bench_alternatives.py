@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_memory import kill_tree, tree  # the process-tree helpers of the memory bench
+from pipeline.core.runner import ACTOR_GLIBC_TUNABLES
 
 MB = 2**20
 VARIANTS = ("loop", "raydata", "latentcache")
@@ -172,6 +173,10 @@ def child_loop(spec: dict[str, Any], t0: float) -> dict[str, Any]:
     from vae import load_vae
 
     pre = PreprocessConfig(resolution=spec["resolution"])
+    if spec.get("loop_threads"):
+        import torch
+
+        torch.set_num_threads(spec["loop_threads"])
     t_import = time.perf_counter()
     codec = load_vae("random:tiny", device="cpu", dtype="float32")
     t_ready = time.perf_counter()
@@ -342,7 +347,8 @@ def run_child(spec: dict[str, Any], work: Path, interval: float, timeout: float)
     with open(log_path, "wb") as log:
         t0 = time.perf_counter()
         popen = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)],
-                                 stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT))
+                                 stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT),
+                                 env={**os.environ, **spec.get("child_env", {})})
         root = psutil.Process(popen.pid)
         timed_out = False
         try:
@@ -400,6 +406,12 @@ def main() -> None:
     ap.add_argument("--jpeg-height", type=int, default=480)
     ap.add_argument("--distinct", type=int, default=97, help="distinct JPEGs, cycled through the shards")
     ap.add_argument("--lc-actors", type=int, default=2, help="latentcache actors")
+    ap.add_argument("--loop-threads", type=int, default=0,
+                    help="torch threads of the loop (0: torch's default); with 1 the loop's stage times are "
+                         "the work per image without orchestration, and the bound on the cores is printed")
+    ap.add_argument("--loop-malloc", choices=["default", "tuned"], default="default",
+                    help="tuned: the loop runs with the actors' glibc malloc settings (runner.ACTOR_GLIBC_TUNABLES), "
+                         "so that its work per image is that of an actor")
     ap.add_argument("--rd-actors", type=int, default=2, help="Ray Data map_batches concurrency (actor pool size)")
     ap.add_argument("--rd-actor-cpus", type=float, default=0.5, help="num_cpus of each Ray Data actor")
     ap.add_argument("--rd-task-cpus", type=float, default=0.5, help="num_cpus of Ray Data's prepare tasks")
@@ -445,7 +457,9 @@ def main() -> None:
                             "ray_tmp": str(ray_tmp), "resolution": args.resolution, "batch_size": args.batch_size,
                             "lc_actors": args.lc_actors, "rd_actors": args.rd_actors,
                             "rd_actor_cpus": args.rd_actor_cpus, "rd_task_cpus": args.rd_task_cpus,
-                            "rd_prepare": args.rd_prepare}
+                            "rd_prepare": args.rd_prepare, "loop_threads": args.loop_threads,
+                            "child_env": ({"GLIBC_TUNABLES": ACTOR_GLIBC_TUNABLES}
+                                          if variant == "loop" and args.loop_malloc == "tuned" else {})}
                     print(f"[{time.perf_counter() - t_start:7.1f}s] rep {rep} {variant:<12} {n:>6} images ...",
                           end="", flush=True)
                     try:
@@ -531,6 +545,22 @@ def main() -> None:
         print(f"  {name:<32} wall {r['wall']:.2f}x" + (f", per CPU-s {r['per_cpu_s']:.2f}x" if r["per_cpu_s"] else "")
               + (f"  (goal >= {goal}x: {'met' if r['wall'] >= goal else 'NOT met'})" if goal else ""))
 
+    bound = None
+    loop_runs = [r for r in runs if r["variant"] == "loop" and r["ok"] and r["images"] == big]
+    if loop_runs:
+        per_image = {k: _median([r["child"]["stages_s"][k] / big for r in loop_runs]) for k in
+                     loop_runs[0]["child"]["stages_s"]}
+        total = sum(per_image.values())
+        bound = {"per_image_ms": {k: v * 1e3 for k, v in per_image.items()}, "cores": os.cpu_count(),
+                 "img_s": os.cpu_count() / total, "loop_threads": args.loop_threads}
+        print(f"  the loop's work per image at {big}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in per_image.items())
+              + f"; {os.cpu_count()} cores at that rate: {bound['img_s']:.0f} img/s"
+              + ("" if args.loop_threads == 1 and args.loop_malloc == "tuned"
+                 else " (a bound only with --loop-threads 1 --loop-malloc tuned)"))
+        for variant, m in marginal.items():
+            if variant != "loop":
+                print(f"  {variant} steady / that bound: {m['steady_img_s'] / bound['img_s']:.2f}")
+
     Path(args.out).mkdir(parents=True, exist_ok=True)
     out = Path(args.out) / f"alternatives-{time.strftime('%Y%m%d-%H%M%S')}.json"
     import psutil
@@ -539,7 +569,7 @@ def main() -> None:
 
     out.write_text(json.dumps({
         "bench": "alternatives", "args": vars(args), "rows": rows, "marginal": marginal, "ratios": ratios,
-        "runs": runs, "goals": GOALS,
+        "runs": runs, "goals": GOALS, "bound": bound,
         "versions": {"ray": ray.__version__, "torch": torch.__version__, "python": platform.python_version()},
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                     "memory_gb": psutil.virtual_memory().total / 2**30},

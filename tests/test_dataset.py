@@ -212,6 +212,7 @@ def test_refuses_shards_of_another_fingerprint(tmp_path) -> None:
 
 @pytest.mark.parametrize("field, value", [("preset", "sdxl"), ("scaling_factor", "0.13025"),
                                           ("shift_factor", "0.1159"),
+                                          ("latents_mean", json.dumps([0.1, 0.2, 0.3, 0.4])),
                                           ("preprocess", json.dumps({"resolution": 1024}))])
 def test_refuses_shards_that_disagree_on(tmp_path, field: str, value: str) -> None:
     url = str(tmp_path / "out")
