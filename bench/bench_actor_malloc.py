@@ -57,7 +57,8 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--cpus", type=int, default=2)
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / f"actor-malloc-{time.strftime('%Y%m%d-%H%M%S')}.json"))
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" /
+                                       f"actor-malloc-{time.strftime('%Y%m%d-%H%M%S')}.json"))
     args = p.parse_args()
 
     import ray

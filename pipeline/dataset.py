@@ -180,7 +180,8 @@ class LatentDataset(IterableDataset):
     rank, world_size: this process's place among the training processes; taken from
         torch.distributed when it is initialised (then they may be omitted), else default 0 and 1.
     sample: "mode" (the stored scaled mean) or "posterior" (mean + gain * std * eps, gain the
-        scaling_factor, per channel divided by latents_std where set; eps ~ N(0, 1) seeded from (seed, epoch, key): reproducible whatever the worker layout).
+        scaling_factor, per channel divided by latents_std where set; eps ~ N(0, 1) seeded from
+        (seed, epoch, key): reproducible whatever the worker layout).
     seed: seeds the shard order, the buffer shuffle and the posterior noise.
     expect_fingerprint: refuse shards whose vae_fingerprint differs.
     shuffle: a seeded shard order per epoch (the same on every rank) and a shuffle of samples

@@ -148,8 +148,7 @@ class VAECodec:
     ) -> None:
         self.preset = preset
         self.config = preset.arch
-        self.scaling = preset.scaling
-        self.scaling.check_channels(preset.arch.latent_channels, f"preset {preset.name!r}")
+        self.scaling = preset.scaling  # checked against the latent channels by VAEPreset
         self.scaling_factor = preset.scaling_factor
         self.shift_factor = preset.shift_factor
         self.fingerprint = fingerprint
