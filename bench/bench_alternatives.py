@@ -15,9 +15,9 @@ orchestration differs:
   latentcache  the real job (`pipeline.jobs.run`, what `latentcache encode` runs), K actors
 
 Each run is one child process (`--child SPEC`) that starts what it needs: the loop imports torch and
-loads the codec; raydata starts its own local Ray (`ray.init(address="local", num_cpus=2)`) and
-latentcache's job starts one as `latentcache encode` does (on the machine's cores, 2 here), both
-inside the timed span, so start-up is counted alike. The parent samples the child's
+loads the codec; raydata starts its own local Ray on all the machine's cores (`ray.init(address="local",
+num_cpus=os.cpu_count())`) and latentcache's job starts one as `latentcache encode` does (on all the
+cores too), both inside the timed span, so start-up is counted alike. The parent samples the child's
 whole process tree (driver, Ray's daemons, workers, actors) every --interval seconds: peak RSS of
 the tree, and CPU seconds (user + system, the last value seen per process, summed). Every variant
 runs at 1x and 4x the input (--sizes), alternating the variants across repeats; the table shows
@@ -270,7 +270,9 @@ def child_raydata(spec: dict[str, Any], t0: float) -> dict[str, Any]:
 
     t_import = time.perf_counter()
     t_wall0 = time.time() - (t_import - t0)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=spec["ray_tmp"])
+    # All the cores, as the latentcache job's own local Ray has them (2 on the machine of BENCHMARKS.md).
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             _temp_dir=spec["ray_tmp"])
     t_ray = time.perf_counter()
     try:
         ctx = ray.data.DataContext.get_current()
@@ -302,8 +304,7 @@ def child_raydata(spec: dict[str, Any], t0: float) -> dict[str, Any]:
 
 def child_latentcache(spec: dict[str, Any], t0: float) -> dict[str, Any]:
     """(c) The real job, as `latentcache encode` runs it: it starts its own local Ray (on all the
-    machine's cores, 2 here, as raydata's `ray.init(num_cpus=2)`), whose workers inherit the actors'
-    malloc settings. The job's own clock (`summary.seconds`) ends at its last commit, before it
+    machine's cores, as raydata's), whose workers inherit the actors' malloc settings. The job's own clock (`summary.seconds`) ends at its last commit, before it
     stops that Ray, as raydata's ends before `ray.shutdown`."""
     from pipeline.config import EncodeConfig, PreprocessConfig, VAEConfig
     from pipeline.jobs import run

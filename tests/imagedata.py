@@ -13,6 +13,7 @@ Not a test module: other tests import it.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import struct
 import tarfile
@@ -203,6 +204,13 @@ def sample_members(samples: Iterable[Mapping[str, Any]]) -> list[tuple[str, byte
     """WebDataset members (`<key>.<ext>`, bytes) of samples given as {"__key__": k, ext: bytes|str}."""
     return [(f"{s['__key__']}.{ext}", _as_bytes(v)) for s in samples for ext, v in s.items()
             if not ext.startswith("__")]
+
+
+def digests(root: Path | str) -> dict[str, str]:
+    """Every file under `root` (path relative to it) -> its sha256: to show a folder left as it was."""
+    root = Path(root)
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def tar_bytes(members: Iterable[tuple[str, bytes]]) -> bytes:

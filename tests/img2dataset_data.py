@@ -14,11 +14,11 @@ imports it.
 
 from __future__ import annotations
 
-import hashlib
 import http.server
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -169,8 +169,15 @@ def run_img2dataset(url_list_path: Path, output_folder: Path, *, log: Path, time
     flags.update(options)
     argv = [img2dataset_command()] + [f"--{k}={v}" for k, v in flags.items()]
     with open(log, "w") as out:
-        proc = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                              env=loopback_env(), timeout=timeout)
+        # Its own session, so that a timeout stops its worker processes too, not only the parent.
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=loopback_env(), start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise RuntimeError(f"img2dataset ran past {timeout} s: {' '.join(argv)}\n{log.read_text()[-4000:]}")
     said = log.read_text()
     if proc.returncode != 0:
         raise RuntimeError(f"img2dataset exited {proc.returncode}: {' '.join(argv)}\n{said[-4000:]}")
@@ -215,8 +222,7 @@ class I2DFolder:
 
     def digests(self) -> dict[str, str]:
         """Every file under the folder (relative path) -> its sha256."""
-        return {str(p.relative_to(self.root)): hashlib.sha256(p.read_bytes()).hexdigest()
-                for p in sorted(self.root.rglob("*")) if p.is_file()}
+        return imagedata.digests(self.root)
 
 
 def tar_members(data: bytes) -> list[tarfile.TarInfo]:

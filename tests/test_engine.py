@@ -283,6 +283,34 @@ def test_actors_get_malloc_settings_that_keep_large_blocks_in_the_heap(ray_clust
     assert default_place != "[heap]"
 
 
+def test_a_jobs_actors_on_a_ray_it_did_not_start_get_the_malloc_settings(ray_cluster, tmp_path, caplog, monkeypatch):
+    """On a Ray the driver joined (here the session's; a cluster alike), the settings go in the
+    actors' runtime_env: the actor process's environment holds them while the job runs."""
+    import logging
+    import re
+
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    imagedata.photo_shards(tmp_path / "in", 2, per_shard=2, max_side=64)
+    cfg = EncodeConfig(input=(str(tmp_path / "in"),), output=str(tmp_path / "out"),
+                       vae=VAEConfig(source="random:tiny", dtype="float32"), preprocess=PreprocessConfig(resolution=64),
+                       actors=1, retry=RetryConfig(max_attempts=1))
+    seen: list[bytes] = []
+
+    def actor_environ(_result) -> None:  # while the job runs, its actor is alive
+        pids = {int(m) for r in caplog.records for m in re.findall(r"actor ready on node \S+ \(pid (\d+)\)",
+                                                                   r.getMessage())}
+        for pid in pids:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                seen.extend(e for e in f.read().split(b"\0") if e.startswith(b"GLIBC_TUNABLES="))
+
+    with caplog.at_level(logging.INFO, logger="pipeline.core.runner"):
+        assert run_job("encode", cfg, progress=False, on_result=actor_environ).samples_written == 4
+    # glibc cuts the variable at its first ':' in place when it parses it: the first setting shows.
+    assert seen and all(e.startswith(b"GLIBC_TUNABLES=" + runner.ACTOR_GLIBC_TUNABLES.split(":")[0].encode())
+                        for e in seen), seen
+    assert runner.actor_runtime_env({}, inherited_env=True) is None  # a Ray the driver started has them
+
+
 def test_a_local_ray_the_driver_starts_gives_its_workers_the_malloc_settings(tmp_path):
     """Inherited, not through a runtime_env (which would rule out Ray's prestarted workers); the
     driver's own environment is left as it was."""

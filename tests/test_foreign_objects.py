@@ -5,7 +5,6 @@ removes only what latentcache wrote."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -34,16 +33,11 @@ def _dataset_folder(root: Path, shards: int = 2) -> Path:
     return root
 
 
-def _digests(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_an_output_set_to_a_dataset_folder_is_refused_and_its_files_are_left_as_they_were(tmp_path, capsys,
                                                                                           overwrite):
     folder = _dataset_folder(tmp_path / "data")
-    before = _digests(folder)
+    before = imagedata.digests(folder)
     args = ["encode", "--input", str(folder), "--output", str(folder), "--vae", "random:tiny",
             "--resolution", "64", "--no-progress"] + (["--overwrite"] if overwrite else [])
     assert main(args) == 2
@@ -51,7 +45,7 @@ def test_an_output_set_to_a_dataset_folder_is_refused_and_its_files_are_left_as_
     assert "already holds 2 file(s) that this job would replace" in err
     assert "00000.parquet, 00001.parquet" in err and "choose another output" in err
     assert "Traceback" not in err and "Started a local Ray" not in err
-    assert _digests(folder) == before, "a file latentcache did not write was touched"
+    assert imagedata.digests(folder) == before, "a file latentcache did not write was touched"
 
 
 def test_a_resume_is_not_refused_for_its_own_files_but_a_stranger_at_a_new_shards_name_is(tmp_path) -> None:

@@ -74,7 +74,7 @@ def test_identity_carries_the_statistics_only_when_the_vae_has_them():
     assert LatentScaling.from_metadata(as_metadata) == NORMALISED.scaling
 
 
-def test_presets_define_them_and_a_folder_that_disagrees_with_its_preset_is_refused(tmp_path):
+def test_presets_define_them_and_a_folder_that_disagrees_with_its_preset_is_refused():
     playground = PRESETS["playground-v2.5"]
     assert playground.scaling.per_channel and playground.arch == PRESETS["sdxl"].arch
     config = playground.diffusers_config()
@@ -178,13 +178,14 @@ def test_encode_job_writes_normalised_latents_that_decode_and_the_reader_invert(
     # Each stored latent is diffusers' normalised mean of the same preprocessed image.
     reference = DiffusersVAE.from_pretrained(normalised_folder).eval()
     lm, ls = torch.tensor(MEAN).view(1, 4, 1, 1), torch.tensor(STD).view(1, 4, 1, 1)
+    sf = NORMALISED.scaling_factor
     stored = {key: latent for key, latent, _ in read_latents(str(tmp_path / "latents"))}
     assert len(stored) == 6
     for url in sorted(str(p) for p in (tmp_path / "in").glob("*.tar")):
         for item in iter_shard(url):
             p = prepare(item, cfg.preprocess)
             with torch.no_grad():
-                want = (reference.encode(to_model_input([p.pixels])).latent_dist.mean - lm) * 0.5 / ls
+                want = (reference.encode(to_model_input([p.pixels])).latent_dist.mean - lm) * sf / ls
             got = torch.from_numpy(stored[p.key])
             assert (got - want[0]).abs().max() <= 1e-3 * want.abs().max(), p.key
 
@@ -194,17 +195,13 @@ def test_encode_job_writes_normalised_latents_that_decode_and_the_reader_invert(
     out = tmp_path / "images"
     run(DecodeConfig(input=(str(tmp_path / "latents"),), output=str(out), actors=1, batch_size=2, retry=retry),
         progress=False)
-    import io
+    from tests.test_decode_job import _pixels, _read_tars
 
-    import webdataset as wds
-    from PIL import Image
-
-    decoded = {s["__key__"]: np.asarray(Image.open(io.BytesIO(s["png"])).convert("RGB"), dtype=np.int16)
-               for p in sorted(out.glob("*.tar")) for s in wds.WebDataset(str(p), shardshuffle=False,
-                                                                            empty_check=False)}
+    decoded = {k: _pixels(s["png"]).astype(np.int16)  # _read_tars: each key written once
+               for k, s in _read_tars(sorted(str(p) for p in out.glob("*.tar"))).items()}
     assert set(decoded) == set(stored)
     for key, latent in stored.items():
         with torch.no_grad():
-            image = reference.decode(torch.from_numpy(latent)[None] * ls / 0.5 + lm).sample[0]
+            image = reference.decode(torch.from_numpy(latent)[None] * ls / sf + lm).sample[0]
         want = ((image.clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0).numpy().astype(np.int16)
         assert np.abs(decoded[key] - want).max() <= 1, key

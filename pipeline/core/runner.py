@@ -308,7 +308,8 @@ def _finished(kind: JobKind, cfg: RunConfig, job: JobPlan, t0: float, random_wei
         return None
     changed = changed_inputs(done, job.input_versions)
     if changed:
-        _check_changed(cfg, changed)  # before Ray starts, when they are an error
+        if cfg.changed_inputs == "error":
+            _check_changed(cfg, changed)  # raises, before Ray starts
         return None  # redone by the normal path, which reports them
     if error_rate_message(sum(r.samples_read for r in done), sum(len(r.errors) for r in done),
                           cfg.max_error_rate, cfg.min_samples_for_error_rate) is not None:
@@ -328,17 +329,20 @@ def actor_env(environ: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
+def actor_runtime_env(environ: Mapping[str, str], *, inherited_env: bool) -> dict[str, Any] | None:
+    """The actors' runtime_env: none when they run in a local Ray this driver started (`inherited_env`),
+    which has what actor_env gives already and keeps Ray's prestarted workers usable."""
+    return None if inherited_env else {"env_vars": actor_env(environ)}
+
+
 def _start_pool(kind: JobKind, cfg: RunConfig, job: JobPlan, n_actors: int, demand: ActorDemand,
                 guard: Mapping[str, Any], *, inherited_env: bool) -> ActorPool:
-    """`inherited_env`: the actors run in a local Ray this driver started, which has the
-    environment actor_env would give them already."""
     import ray
 
-    env = {} if inherited_env else actor_env(os.environ)
     remote = ray.remote(JobActor).options(
         max_concurrency=SHARDS_PER_ACTOR,
         max_restarts=-1, max_task_retries=0,  # retries are the scheduler's decision, not Ray's
-        runtime_env={"env_vars": env} if env else None, **demand.ray_options())
+        runtime_env=actor_runtime_env(os.environ, inherited_env=inherited_env), **demand.ray_options())
     pool = ActorPool(lambda: remote.remote(kind.name, cfg, job, dict(guard)), size=n_actors,
                      slots=SHARDS_PER_ACTOR, startup_timeout_s=cfg.retry.actor_start_timeout_s)
     try:

@@ -232,11 +232,7 @@ class InputShards(dict):
 
 def list_inputs(patterns: Sequence[str], storage_options: Mapping[str, Any] | None = None) -> InputShards:
     """The input tar shards by output name, with their versions (see `expand_inputs`)."""
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    versions: dict[str, dict[str, Any]] = {}
-    for url, version in _expand(patterns, storage_options, (TAR_SUFFIX,), with_versions=True).items():
-        versions.setdefault(url, version)
+    versions = _expand(patterns, storage_options, (TAR_SUFFIX,))
     return InputShards(check_unique_names(versions), versions)
 
 
@@ -250,11 +246,12 @@ def expand_inputs(patterns: Sequence[str], storage_options: Mapping[str, Any] | 
     paths come back absolute. Raises ShardListingError when a listing fails, a named shard is
     missing, or a pattern matches no `.tar` shard. `suffixes` names other shard files (latent shards).
     """
-    return list(_expand(patterns, storage_options, suffixes, with_versions=False))
+    return list(_expand(patterns, storage_options, suffixes))
 
 
-def _expand(patterns: Sequence[str], storage_options: Mapping[str, Any] | None, suffixes: tuple[str, ...], *,
-            with_versions: bool) -> dict[str, dict[str, Any]]:
+def _expand(patterns: Sequence[str], storage_options: Mapping[str, Any] | None,
+            suffixes: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Each input URL (de-duplicated, in pattern order) -> its `input_version`, from the listing."""
     if isinstance(patterns, str):
         patterns = [patterns]  # a lone string is a Sequence of characters; take it as one pattern
     if not patterns:
@@ -264,9 +261,7 @@ def _expand(patterns: Sequence[str], storage_options: Mapping[str, Any] | None, 
     for pattern in patterns:
         if not pattern or not pattern.strip():
             raise ShardListingError(pattern, "empty pattern; expected a URL, glob or folder")
-        expander = _Expander(pattern, options, suffixes)
-        found = expander.expand_versions() if with_versions else {u: {} for u in expander.expand()}
-        for url, version in found.items():
+        for url, version in _Expander(pattern, options, suffixes).expand_versions().items():
             urls.setdefault(url, version)
     return urls
 
