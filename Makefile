@@ -10,7 +10,7 @@ IMG2DATASET := img2dataset==1.47.0
 # re-picks torch and lands on a newer CUDA build, though nothing asks for one.
 TORCH_AS_INSTALLED = "torch==$$($(PY) -c "import importlib.metadata as m; print(m.version('torch'))")"
 
-.PHONY: setup setup-browser setup-interop demo demo-vae test test-fast test-chaos test-driver test-cluster test-interop bench bench-pipeline bench-memory bench-driver clean
+.PHONY: setup setup-browser setup-interop demo demo-vae test test-fast test-chaos test-driver test-cluster test-interop bench bench-pipeline bench-memory bench-driver gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -87,6 +87,10 @@ bench-memory: setup
 
 bench-driver: setup
 	$(PY) bench/bench_driver.py
+
+# The wheels a GPU machine lacks, into .whl/ (see bench/gpu_check.sh, which runs there).
+gpu-wheels:
+	bash bench/gpu_wheels.sh
 
 clean:
 	rm -rf $(VENV) latentcache-demo .pytest_cache

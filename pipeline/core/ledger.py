@@ -36,6 +36,7 @@ invalidates the cache first.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import json
@@ -45,7 +46,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Collection, Iterator, Mapping, Sequence, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -53,7 +54,8 @@ import pyarrow.parquet as pq
 from pipeline.core.layout import CURRENT, LEGACY, Layout
 from pipeline.core.layout import META_DIR, METADATA_KEY
 from pipeline.core.sink import ShardStats, check_shard_name
-from pipeline.core.storage import abort_multipart_uploads, join, output_fs, write_atomically, write_bytes_atomically
+from pipeline.core.storage import (LIST_PAGE, abort_multipart_uploads, join, name_prefixes, output_fs,
+                                   prefix_lister, write_atomically, write_bytes_atomically)
 from pipeline.samples import SampleError
 
 logger = logging.getLogger(__name__)
@@ -84,6 +86,7 @@ T = TypeVar("T")
 # object stores: resets, timeouts, 503s, a GET whose checksum fails. They are retried with backoff.
 READ_ATTEMPTS = 5
 READ_BACKOFF_S = 0.5
+LIST_CONCURRENCY = 16  # LIST pages of the data files in flight at once (S3)
 # Answers, not faults: retrying cannot change them.
 _PERMANENT_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
@@ -106,6 +109,12 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
 
 
 _TRANSIENT_ERRORS = _transient_errors()
+
+
+def _starts_one(prefixes: Sequence[str], name: str) -> str | None:
+    """The prefix of sorted, prefix-free `prefixes` that `name` starts with, if any."""
+    i = bisect.bisect_right(prefixes, name) - 1
+    return prefixes[i] if i >= 0 and name.startswith(prefixes[i]) else None
 
 
 def _retried(what: str, read: Callable[[], T]) -> T:
@@ -763,10 +772,13 @@ class Ledger:
         blob = _retried(f"reading {where}", lambda: self.fs.cat_file(path))
         yield from _table_rows(blob, where, batch)
 
-    def _raw_records(self) -> dict[str, tuple[str, bytes | str]]:
+    def _raw_records(self, files: list[str] | None = None,
+                     tables: list[str] | None = None) -> dict[str, tuple[str, bytes | str]]:
         """Every record, unparsed: name -> (where it was read, JSON). The compacted tables are read
-        first, oldest first, then the record files, which win (see the module docstring)."""
-        files, tables = self._record_files(), self.compacted_tables()
+        first, oldest first, then the record files, which win (see the module docstring). `files`
+        and `tables`: the listings, when the caller has them."""
+        files = self._record_files() if files is None else files
+        tables = self.compacted_tables() if tables is None else tables
         out: dict[str, tuple[str, bytes | str]] = {}
         self._table_names = {}
         for path, blob in sorted(self._cat_many(tables).items()):
@@ -882,27 +894,43 @@ class Ledger:
                 self._rm_if_exists(p)
 
     def records(self, *, verify_checksum: bool = False) -> list[ShardRecord]:
-        """The committed shards' records (any name), by name; two listings and one batched read.
+        """The committed shards' records (any name), by name. Reads two listings and one batched
+        read of the bookkeeping and, meanwhile, one listing of the data files (`_data_sizes`).
         With `verify_checksum`, each data file is also hashed against its record (in threads)."""
-        raw_records = self._raw_records()
-        if not raw_records:
+        from concurrent.futures import ThreadPoolExecutor
+
+        files, tables = self._record_files(), self.compacted_tables()
+        if not files and not tables:
             return []
-        sizes = self._data_sizes()
+        parsed: list[tuple[str, ShardRecord]] = []
+        with ThreadPoolExecutor(max_workers=1) as background:
+            # On S3 at 100,000 shards the listing is most of planning, so it runs while the records
+            # are read and parsed. It may predate a record written meanwhile (a job running while
+            # `status` reads), so whatever it misses is looked at again once the records are in.
+            listing = background.submit(self._data_sizes)
+            for name, (where, raw) in sorted(self._raw_records(files, tables).items()):
+                try:
+                    record = ShardRecord.from_dict(_parse_json(raw, where), where=where)
+                except LedgerError as e:
+                    logger.warning("shard %s is not committed: %s", name, e)
+                    continue
+                parsed.append((name, record))
+            sizes = listing.result()
+        again = {r.data_file for _, r in parsed if sizes.get(r.data_file) != r.bytes}
+        if again:
+            fresh = self._data_sizes(again)
+            for rel in again:
+                sizes.pop(rel, None)
+                if rel in fresh:
+                    sizes[rel] = fresh[rel]
         out = []
-        for name, (where, raw) in sorted(raw_records.items()):
-            try:
-                record = ShardRecord.from_dict(_parse_json(raw, where), where=where)
-            except LedgerError as e:
-                logger.warning("shard %s is not committed: %s", name, e)
-                continue
+        for name, record in parsed:
             reason = self._check(record, name, sizes, verify_checksum=False)
             if reason is not None:
                 logger.warning("shard %s is not committed: %s", name, reason)
                 continue
             out.append(record)
         if verify_checksum and out:
-            from concurrent.futures import ThreadPoolExecutor
-
             with ThreadPoolExecutor(max_workers=min(8, len(out))) as pool:
                 hashes = list(pool.map(lambda r: self._sha256(self._path(r.data_file)), out))
             damaged = {r.name for r, got in zip(out, hashes) if got != r.sha256}
@@ -911,13 +939,62 @@ class Ledger:
             out = [r for r in out if r.name not in damaged]
         return out
 
-    def _data_sizes(self) -> dict[str, int]:
-        """Data file (relative path) -> size, from one listing of the folder that holds them."""
+    def _data_sizes(self, only: Collection[str] | None = None) -> dict[str, int]:
+        """Data file (relative path) -> size, for every data file present (or those of `only`).
+
+        Locally, one listing of the folder that holds them. On S3, the names the manifest expects
+        are cut into prefixes of at most one LIST page each (`storage.name_prefixes`) and the pages
+        are asked for at once: 100,000 shards are 100 pages in flight, not 100 one after another.
+        A name of `only` that no prefix or folder listing covers is looked up alone."""
         manifest = self._manifest if self._manifest is not None else self.read_manifest()
         folder = str(manifest.get("data_dir", "")) if manifest is not None else ""
-        prefix = f"{folder}/" if folder else ""
-        return {prefix + posixpath.basename(e["name"]): e["size"]
-                for e in self._ls(self._path(folder) if folder else self.root) if e["type"] == "file"}
+        head = f"{folder}/" if folder else ""
+        where = self._path(folder) if folder else self.root
+        lister = prefix_lister(self.fs)
+        expected = sorted(f"{n}.{manifest['data_extension']}" for n in manifest.get("shards", {})) \
+            if manifest is not None and manifest.get("data_extension") else []
+        wanted = None if only is None else {rel[len(head):] for rel in only
+                                            if rel.startswith(head) and "/" not in rel[len(head):]}
+        alone = set() if only is None else {rel for rel in only if rel[len(head):] not in (wanted or ())}
+        sizes: dict[str, int] = {}
+
+        def keep(entries: list[dict[str, Any]]) -> None:
+            for e in entries:
+                if e["type"] == "file":
+                    sizes[head + posixpath.basename(e["name"])] = e["size"]
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        if lister is None or not expected:
+            if only is None or wanted:
+                keep(self._ls(where))
+        else:
+            prefixes, exact = name_prefixes(expected, per_prefix=LIST_PAGE)
+            if wanted is not None:
+                alone |= {head + n for n in wanted if _starts_one(prefixes, n) is None}  # `exact` among them
+                prefixes = sorted({p for n in wanted if (p := _starts_one(prefixes, n)) is not None})
+            with ThreadPoolExecutor(max_workers=max(1, min(LIST_CONCURRENCY, len(prefixes)))) as pool:
+                for entries in pool.map(lambda p: _retried(f"listing {self.fs.unstrip_protocol(where)}/{p}*",
+                                                           lambda: lister(where, p)), prefixes):
+                    keep(entries)
+            if only is None:
+                alone |= {head + n for n in exact}
+        alone -= sizes.keys()
+        if alone:
+            with ThreadPoolExecutor(max_workers=min(LIST_CONCURRENCY, len(alone))) as pool:
+                for rel, size in zip(sorted(alone), pool.map(self._size_of, sorted(alone))):
+                    if size is not None:
+                        sizes[rel] = size
+        return sizes
+
+    def _size_of(self, rel: str) -> int | None:
+        """Size of the file at `rel` (relative to the output), None when there is none."""
+        path = self._path(rel)
+        self.fs.invalidate_cache(path)
+        try:
+            return int(_retried(f"looking up {self.fs.unstrip_protocol(path)}", lambda: self.fs.info(path))["size"])
+        except FileNotFoundError:
+            return None
 
     def job_records(self, *, verify_checksum: bool = False) -> list[ShardRecord]:
         """The committed records of the manifest's shards, by name (`verify_checksum`: see `records`)."""

@@ -12,12 +12,13 @@ another), found by listing the uploads of the temp key.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
 import posixpath
 import secrets
 from types import TracebackType
-from typing import Any, BinaryIO, Callable, Iterator, Mapping
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping
 
 import fsspec
 from fsspec import AbstractFileSystem
@@ -58,6 +59,56 @@ def _s3_uploads_api(fs: AbstractFileSystem) -> Callable[..., Any] | None:
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
     call = getattr(fs, "call_s3", None)
     return call if {"s3", "s3a"}.intersection(protocols) and callable(call) else None
+
+
+LIST_PAGE = 1000  # the most keys one S3 LIST request answers with
+
+
+def name_prefixes(names: Iterable[str], *, per_prefix: int = LIST_PAGE) -> tuple[list[str], list[str]]:
+    """Cut `names` into disjoint prefixes, each shared by at most `per_prefix` of them, so that each
+    prefix lists in one page and the pages can be asked for at once (an S3 LIST with a continuation
+    token must wait for the page before it). A cut of the names' trie, at the shortest depth that
+    fits: `part-000000` ... `part-099999` give `part-000` ... `part-099`.
+
+    Returns (prefixes, exact), both sorted: no prefix starts another, every name starts exactly one
+    prefix or is in `exact`, which holds the names that are themselves a prefix of more than
+    `per_prefix` others (a listing by that name would cover them all; look them up by name)."""
+    if per_prefix < 1:
+        raise ValueError(f"per_prefix is {per_prefix}; expected at least 1")
+    ordered = sorted(set(names))
+    prefixes: list[str] = []
+    exact: list[str] = []
+    todo = [(0, len(ordered))] if ordered else []
+    while todo:
+        lo, hi = todo.pop()
+        common = posixpath.commonprefix([ordered[lo], ordered[hi - 1]])  # sorted: the first and last share what all share
+        if hi - lo <= per_prefix:
+            prefixes.append(common)
+            continue
+        depth, i = len(common), lo
+        if len(ordered[i]) == depth:  # the name is `common` itself, which sorts first
+            exact.append(ordered[i])
+            i += 1
+        while i < hi:
+            # Names starting common + c end before common + (c + 1).
+            end = bisect.bisect_left(ordered, common + chr(ord(ordered[i][depth]) + 1), i, hi)
+            todo.append((i, end))
+            i = end
+    return sorted(prefixes), sorted(exact)
+
+
+def prefix_lister(fs: AbstractFileSystem) -> Callable[[str, str], list[dict[str, Any]]] | None:
+    """On S3, a function (folder, prefix) -> the entries of `folder` whose names start with `prefix`,
+    listed afresh (no cached listing); None on other filesystems, which list a folder at once."""
+    if _s3_uploads_api(fs) is None or not hasattr(fs, "_lsdir"):
+        return None
+    from fsspec.asyn import sync
+
+    def ls(folder: str, prefix: str) -> list[dict[str, Any]]:
+        # refresh: s3fs answers a prefix listing from its cache of the whole folder when it holds one.
+        return list(sync(fs.loop, fs._lsdir, folder, prefix=prefix, refresh=True))  # type: ignore[attr-defined]
+
+    return ls
 
 
 def multipart_uploads(fs: AbstractFileSystem, prefix: str) -> Iterator[dict[str, Any]]:
