@@ -1,6 +1,7 @@
 """The GPU path in one short run, for the few minutes a GPU machine is lent (issue 11, section 4).
 
-Four tables, each printed as it completes and written with the rest to one JSON record:
+Four tables, each printed as it completes and written with the rest to one JSON record (in the
+order below but with the job before the codec, whose compiles are the long part):
 
   flops      FLOPs per image of each preset at each size, counted on the meta device (no GPU needed:
              `--only flops` prints the table anywhere)
@@ -254,7 +255,8 @@ def job_vs_model(args: argparse.Namespace) -> dict[str, Any]:
         images = sum(r.samples_written for r in results)
         read = sum(r.samples_read for r in results)
         codec = worker.codec
-        x = torch.rand(args.job_batch, 3, args.job_size, args.job_size) * 2 - 1
+        # On the device already, as the job's batches are when the model starts (uint8 crossed, normalised there).
+        x = (torch.rand(args.job_batch, 3, args.job_size, args.job_size) * 2 - 1).to(args.device)
         model_s = _per_call_s(lambda: codec.encode(x), args.device, iters=max(1, images // args.job_batch),
                               repeats=args.repeats)
     row = {"preset": args.job_preset, "size": args.job_size, "dtype": args.job_dtype, "batch": args.job_batch,
@@ -336,6 +338,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "conv" in args.only:
         record["conv"] = conv_rate(args)
         save()
+    if "job" in args.only:
+        record["job"] = job_vs_model(args)
+        save()
     if "codec" in args.only:
         conv_tflops = record["conv"]["conv_tflops"] if record["conv"] else None
         print("\n| preset | size | batch | direction | variant | img/s | vs diffusers | GFLOP/img | TFLOP/s | "
@@ -350,9 +355,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   f"{row['tflops']:.1f} | {share} | {row['warmup_s']:.1f} |", flush=True)
 
         codec_rows(args, conv_tflops, emit)
-    if "job" in args.only:
-        record["job"] = job_vs_model(args)
-        save()
     record["wall_s"] = time.perf_counter() - t0
     save()
     print(f"\nwrote {path} ({record['wall_s']:.0f} s)")

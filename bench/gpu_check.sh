@@ -13,5 +13,5 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/nvidia-smi.csv"
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
-timeout 180 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/gpu-tests.log"
-timeout "${BENCH_TIMEOUT_S:-420}" python3 bench/bench_gpu.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench-gpu.log"
+timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/gpu-tests.log"
+timeout "${BENCH_TIMEOUT_S:-380}" python3 bench/bench_gpu.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench-gpu.log"

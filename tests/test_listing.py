@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import string
 
 import pytest
 
@@ -57,6 +58,11 @@ def test_a_name_that_starts_more_than_a_page_of_others_is_looked_up_alone() -> N
     names = ["a"] + [f"a{i:02d}" for i in range(20)] + ["b"]
     prefixes, exact = _check_cut(names, 5)
     assert exact == ["a"] and "b" in prefixes
+
+
+def test_the_last_code_point_splits_like_any_other_character() -> None:
+    prefixes, exact = _check_cut(["a0", "a1", "a\U0010ffff", "a\U0010ffffz"], 1)
+    assert prefixes == ["a0", "a1", "a\U0010ffffz"] and exact == ["a\U0010ffff"]
 
 
 def test_the_cut_refuses_an_empty_page_and_takes_no_names() -> None:
@@ -150,10 +156,13 @@ def test_planning_on_s3_retries_failed_listing_pages(proxied, monkeypatch) -> No
     _, manifest = _finished_output(url, SHARDS)
     monkeypatch.setattr(ledger_module, "LIST_PAGE", 10)
     monkeypatch.setattr(ledger_module, "READ_BACKOFF_S", 0.01)
-    proxy.set_policy(FaultPolicy({"LIST": Rule(1.0, ("error_503", "reset_before"), limit=4)}, seed=3))
+    # Only the prefix pages of the data files break (not the bookkeeping's listings).
+    proxy.set_policy(FaultPolicy({"LIST": Rule(1.0, ("error_503", "reset_before"), path=r"prefix=out/part-",
+                                               limit=4)}, seed=3))
     _, records = _lists_to_plan(proxy, url, manifest)
     assert records is not None and sorted(r.name for r in records) == sorted(SHARDS)
-    assert sum(n for (kind, _), n in proxy.counts().items() if kind == "LIST") == 4
+    broken = [e for e in proxy.events() if e.kind == "LIST"]
+    assert len(broken) == 4, proxy.report()
 
 
 def test_what_a_listing_made_before_the_records_misses_is_listed_again(tmp_path, monkeypatch) -> None:
@@ -172,3 +181,33 @@ def test_what_a_listing_made_before_the_records_misses_is_listed_again(tmp_path,
     records = Ledger(url).records()
     assert sorted(r.name for r in records) == sorted(SHARDS)[:5]
     assert calls == [None, [f"part-00000{i}.parquet" for i in range(5)]]
+
+
+@pytest.mark.s3
+def test_names_without_a_shared_stem_are_listed_once_not_cut_into_many_prefixes(proxied, monkeypatch) -> None:
+    proxy, url = proxied
+    rng = random.Random(7)
+    hashed = {"".join(rng.choice(string.ascii_letters + string.digits) for _ in range(12)): f"s3://in/{i}.tar"
+              for i in range(60)}
+    _, manifest = _finished_output(url, hashed)
+    whole, records = _lists_to_plan(proxy, url, manifest)
+    monkeypatch.setattr(ledger_module, "LIST_PAGE", 10)  # 60 random names: some 40 prefixes for 6 pages' worth
+    assert len(name_prefixes([f"{n}.parquet" for n in hashed], per_prefix=10)[0]) > 4 * 6
+    cut, records = _lists_to_plan(proxy, url, manifest)
+    assert records is not None and sorted(r.name for r in records) == sorted(hashed)
+    assert cut == whole, "one listing of the folder, as with one page of names"
+
+
+@pytest.mark.s3
+def test_many_records_of_dropped_shards_are_answered_by_one_listing_not_one_lookup_each(proxied, monkeypatch) -> None:
+    proxy, url = proxied
+    ledger, _ = _finished_output(url, SHARDS)
+    monkeypatch.setattr(ledger_module, "LIST_PAGE", 10)
+    # The job now holds 6 of its 60 shards: 54 records name data files no prefix of the cut covers.
+    kept = dict(list(SHARDS.items())[:6])
+    manifest = {**ledger.read_manifest(), "shards": kept}
+    ledger._write_json(ledger._path(ledger.layout.manifest), manifest)
+    proxy.reset_counts()
+    records = Ledger(url).records()
+    assert sorted(r.name for r in records) == sorted(SHARDS), "every record is still checked against its data"
+    assert proxy.requests().get("HEAD", 0) < 10, proxy.report()

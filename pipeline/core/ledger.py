@@ -945,7 +945,9 @@ class Ledger:
         Locally, one listing of the folder that holds them. On S3, the names the manifest expects
         are cut into prefixes of at most one LIST page each (`storage.name_prefixes`) and the pages
         are asked for at once: 100,000 shards are 100 pages in flight, not 100 one after another.
-        A name of `only` that no prefix or folder listing covers is looked up alone."""
+        Names with no shared stem, which cut into many more prefixes than pages, get one listing of
+        the folder instead. A name of `only` that no listing covers is looked up alone, or, past a
+        page of such names, answered by one listing of the folder."""
         manifest = self._manifest if self._manifest is not None else self.read_manifest()
         folder = str(manifest.get("data_dir", "")) if manifest is not None else ""
         head = f"{folder}/" if folder else ""
@@ -955,7 +957,8 @@ class Ledger:
             if manifest is not None and manifest.get("data_extension") else []
         wanted = None if only is None else {rel[len(head):] for rel in only
                                             if rel.startswith(head) and "/" not in rel[len(head):]}
-        alone = set() if only is None else {rel for rel in only if rel[len(head):] not in (wanted or ())}
+        alone = set() if only is None else {rel for rel in only
+                                            if not (rel.startswith(head) and rel[len(head):] in (wanted or ()))}
         sizes: dict[str, int] = {}
 
         def keep(entries: list[dict[str, Any]]) -> None:
@@ -965,11 +968,13 @@ class Ledger:
 
         from concurrent.futures import ThreadPoolExecutor
 
-        if lister is None or not expected:
+        prefixes, exact = name_prefixes(expected, per_prefix=LIST_PAGE) if lister is not None else ([], [])
+        # Names with no shared stem (hashes, say) cut into many small prefixes: past a few requests per
+        # page of names, one listing of the folder costs less.
+        if not prefixes or len(prefixes) > 4 * -(-len(expected) // LIST_PAGE):
             if only is None or wanted:
                 keep(self._ls(where))
         else:
-            prefixes, exact = name_prefixes(expected, per_prefix=LIST_PAGE)
             if wanted is not None:
                 alone |= {head + n for n in wanted if _starts_one(prefixes, n) is None}  # `exact` among them
                 prefixes = sorted({p for n in wanted if (p := _starts_one(prefixes, n)) is not None})
@@ -980,6 +985,10 @@ class Ledger:
             if only is None:
                 alone |= {head + n for n in exact}
         alone -= sizes.keys()
+        inside = {rel for rel in alone if rel.startswith(head) and "/" not in rel[len(head):]}
+        if len(inside) > LIST_PAGE:  # many names outside the cut (records of shards the job dropped)
+            keep(self._ls(where))
+            alone -= inside  # the folder's listing answers for each of them
         if alone:
             with ThreadPoolExecutor(max_workers=min(LIST_CONCURRENCY, len(alone))) as pool:
                 for rel, size in zip(sorted(alone), pool.map(self._size_of, sorted(alone))):

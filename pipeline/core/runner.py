@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -420,15 +421,13 @@ def run_job(kind: JobKind | str, cfg: RunConfig, *, ray_address: str | None = No
     device exists, the weights resolve and fit the preset, the output is writable. A job whose
     output holds it finished returns at once, without starting Ray. `progress`: a bar on a TTY;
     a plain line every `progress_every_s` otherwise."""
-    import ray
-
     if isinstance(kind, str):
         from pipeline.jobs import get_kind
 
         kind = get_kind(kind)
     t0 = time.monotonic()
     inputs = kind.inputs(cfg)  # a typo in an input fails here, before Ray starts
-    local = ray_address is None and not ray.is_initialized()  # this command will start a local Ray
+    local = ray_address is None and not _ray_connected()  # this command will start a local Ray
     check_device(kind.requested_device(cfg), local=local)
     started_ray = False if local else _ensure_ray(ray_address)
     try:
@@ -465,7 +464,16 @@ def run_job(kind: JobKind | str, cfg: RunConfig, *, ray_address: str | None = No
                 request_nodes(demand, 0)  # the autoscaler may let the nodes go
     finally:
         if started_ray:
+            import ray
+
             ray.shutdown()
+
+
+def _ray_connected() -> bool:
+    """Whether this process is connected to Ray. Ray that was never imported is not: a finished
+    job's rerun answers without importing it (0.4 s of a 3 s command)."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
 
 
 def _run_locked(kind: JobKind, cfg: RunConfig, job: JobPlan, lock: JobLock, demand: ActorDemand, fit: int,

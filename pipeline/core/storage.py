@@ -89,9 +89,8 @@ def name_prefixes(names: Iterable[str], *, per_prefix: int = LIST_PAGE) -> tuple
         if len(ordered[i]) == depth:  # the name is `common` itself, which sorts first
             exact.append(ordered[i])
             i += 1
-        while i < hi:
-            # Names starting common + c end before common + (c + 1).
-            end = bisect.bisect_left(ordered, common + chr(ord(ordered[i][depth]) + 1), i, hi)
+        while i < hi:  # the rest share `common` and are longer, so they sort by their next character
+            end = bisect.bisect_right(ordered, ordered[i][depth], i, hi, key=lambda name: name[depth])
             todo.append((i, end))
             i = end
     return sorted(prefixes), sorted(exact)
@@ -106,7 +105,10 @@ def prefix_lister(fs: AbstractFileSystem) -> Callable[[str, str], list[dict[str,
 
     def ls(folder: str, prefix: str) -> list[dict[str, Any]]:
         # refresh: s3fs answers a prefix listing from its cache of the whole folder when it holds one.
-        return list(sync(fs.loop, fs._lsdir, folder, prefix=prefix, refresh=True))  # type: ignore[attr-defined]
+        entries = list(sync(fs.loop, fs._lsdir, folder, prefix=prefix, refresh=True))  # type: ignore[attr-defined]
+        # s3fs before 2026.6 cached a prefix's entries as the whole folder's listing.
+        fs.invalidate_cache(folder)
+        return entries
 
     return ls
 
