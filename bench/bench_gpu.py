@@ -32,9 +32,9 @@ import platform
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +43,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_codec import _sync  # noqa: E402
 from vae import build_model, get_preset, load_vae  # noqa: E402
 from vae.codec import resolve_dtype  # noqa: E402
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def _per_call_s(fn: Callable[[], Any], device: str, *, iters: int, repeats: int) -> float:
@@ -133,6 +129,7 @@ def flop_table(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+@torch.no_grad()  # diffusers is called as a user calls it; our codec has inference_mode of its own
 def codec_rows(args: argparse.Namespace, conv_tflops: float | None, emit: Callable[[dict], None]) -> None:
     """One row per (preset, size, direction, variant); see the module docstring."""
     from diffusers import AutoencoderKL as DiffusersVAE
@@ -161,14 +158,8 @@ def codec_rows(args: argparse.Namespace, conv_tflops: float | None, emit: Callab
             x = (torch.rand(batch, 3, size, size, generator=g) * 2 - 1).to(device)
             z = torch.randn(batch, preset.arch.latent_channels, size // 8, size // 8, generator=g).to(device)
             for direction in args.directions:
-                if direction == "encode":
-                    def reference() -> torch.Tensor:
-                        with torch.no_grad():
-                            return ref.encode(x.to(ref_dt)).latent_dist.mean
-                else:
-                    def reference() -> torch.Tensor:
-                        with torch.no_grad():
-                            return ref.decode(z.to(ref_dt)).sample
+                reference = (lambda: ref.encode(x.to(ref_dt)).latent_dist.mean) if direction == "encode" \
+                    else (lambda: ref.decode(z.to(ref_dt)).sample)
                 calls: dict[str, Callable[[], Any]] = {f"diffusers {args.ref_dtype}": reference}
                 for name, codec in codecs.items():
                     if name.endswith("+compile") and f"{preset_name}-{size}" not in args.compile_for:
@@ -199,9 +190,6 @@ def codec_rows(args: argparse.Namespace, conv_tflops: float | None, emit: Callab
                           "tflop_per_img": flops[name] / 1e12, "tflops": tflops,
                           "of_conv_rate": tflops / conv_tflops if conv_tflops else None,
                           "warmup_s": warm[name], "times_s": t})
-        del ref, codecs
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
 
 
 # --- job -----------------------------------------------------------------------------------------
@@ -234,23 +222,10 @@ def job_vs_model(args: argparse.Namespace) -> dict[str, Any]:
         processor = ShardProcessor(worker, output=cfg.output, identity=plan.identity)
         tasks = [ShardTask(name, url) for name, url in sorted(plan.inputs.items())]
         processor.process(tasks[0])  # warm-up: cuDNN's algorithms, the threads, lazy imports
-        todo, lock, results = list(tasks[1:]), threading.Lock(), []
-
-        def shards() -> None:
-            while True:
-                with lock:
-                    if not todo:
-                        return
-                    task = todo.pop(0)
-                results.append(processor.process(task))
-
         _sync(args.device)
         t0 = time.perf_counter()
-        runners = [threading.Thread(target=shards) for _ in range(2)]
-        for t in runners:
-            t.start()
-        for t in runners:
-            t.join()
+        with ThreadPoolExecutor(max_workers=2) as shards:  # an actor's two shards at a time
+            results = list(shards.map(processor.process, tasks[1:]))
         job_s = time.perf_counter() - t0
         images = sum(r.samples_written for r in results)
         read = sum(r.samples_read for r in results)

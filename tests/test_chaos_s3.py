@@ -18,7 +18,6 @@ Reproduce: `.venv/bin/python -m pytest -m chaos tests/test_chaos_s3.py -s`.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -40,7 +39,7 @@ from pipeline.io.latent_reader import read_latents
 from pipeline.io.shards import ShardListingError
 from pipeline.jobs import run
 from tests import imagedata
-from tests.faults.s3_proxy import FAULTS, FaultPolicy, FaultProxy, Rule
+from tests.faults.s3_proxy import FAULTS, FaultPolicy, FaultProxy, Rule, through
 
 pytestmark = [pytest.mark.s3]
 
@@ -79,24 +78,6 @@ def direct(s3_server):
     import boto3
 
     return boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"])
-
-
-@contextlib.contextmanager
-def through(proxy: FaultProxy, policy: FaultPolicy) -> Iterator[FaultProxy]:
-    """AWS_ENDPOINT_URL at the proxy (this process, and the actors a job starts now), under `policy`."""
-    import s3fs
-
-    saved = os.environ["AWS_ENDPOINT_URL"]
-    proxy.set_policy(policy)
-    proxy.reset_counts()
-    os.environ["AWS_ENDPOINT_URL"] = proxy.endpoint
-    s3fs.S3FileSystem.clear_instance_cache()  # cached filesystems keep the endpoint they were made with
-    try:
-        yield proxy
-    finally:
-        os.environ["AWS_ENDPOINT_URL"] = saved
-        s3fs.S3FileSystem.clear_instance_cache()
-        proxy.set_policy(FaultPolicy())
 
 
 def _bucket(direct, versioned: bool = False) -> str:

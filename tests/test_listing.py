@@ -14,7 +14,7 @@ from pipeline.core import ledger as ledger_module
 from pipeline.core.ledger import Ledger, ShardRecord, build_manifest
 from pipeline.core.sink import ShardStats
 from pipeline.core.storage import name_prefixes
-from tests.faults.s3_proxy import FaultPolicy, FaultProxy, Rule
+from tests.faults.s3_proxy import FaultPolicy, FaultProxy, Rule, through
 from tests.test_ledger import identity
 
 # --- the cut ---------------------------------------------------------------------------------------
@@ -96,17 +96,10 @@ def _finished_output(url: str, shards: dict[str, str]) -> tuple[Ledger, dict]:
 
 
 @pytest.fixture()
-def proxied(s3_server, s3_bucket, monkeypatch):
+def proxied(s3_server, s3_bucket):
     """s3fs in this process talks to moto through a FaultProxy; yields (proxy, output URL)."""
-    import s3fs
-
-    with FaultProxy(s3_server["AWS_ENDPOINT_URL"]) as proxy:
-        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
-        s3fs.S3FileSystem.clear_instance_cache()  # a cached filesystem keeps the endpoint it was made with
-        try:
-            yield proxy, f"s3://{s3_bucket}/out"
-        finally:
-            s3fs.S3FileSystem.clear_instance_cache()
+    with FaultProxy(s3_server["AWS_ENDPOINT_URL"]) as proxy, through(proxy, FaultPolicy()):
+        yield proxy, f"s3://{s3_bucket}/out"
 
 
 def _lists_to_plan(proxy: FaultProxy, url: str, manifest: dict) -> tuple[int, list[ShardRecord] | None]:

@@ -46,6 +46,7 @@ import logging
 import posixpath
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Collection, Iterator, Mapping, Sequence, TypeVar
@@ -899,8 +900,6 @@ class Ledger:
         """The committed shards' records (any name), by name. Reads two listings and one batched
         read of the bookkeeping and, meanwhile, one listing of the data files (`_data_sizes`).
         With `verify_checksum`, each data file is also hashed against its record (in threads)."""
-        from concurrent.futures import ThreadPoolExecutor
-
         files, tables = self._record_files(), self.compacted_tables()
         if not files and not tables:
             return []
@@ -921,10 +920,9 @@ class Ledger:
         again = {r.data_file for _, r in parsed if sizes.get(r.data_file) != r.bytes}
         if again:
             fresh = self._data_sizes(again)
-            for rel in again:
-                sizes.pop(rel, None)
-                if rel in fresh:
-                    sizes[rel] = fresh[rel]
+            sizes = {**sizes, **fresh}
+            for gone in again - fresh.keys():
+                sizes.pop(gone, None)  # the new look found no file there (any earlier sighting is stale)
         out = []
         for name, record in parsed:
             reason = self._check(record, name, sizes, verify_checksum=False)
@@ -944,59 +942,66 @@ class Ledger:
     def _data_sizes(self, only: Collection[str] | None = None) -> dict[str, int]:
         """Data file (relative path) -> size, for every data file present (or those of `only`).
 
-        Locally, one listing of the folder that holds them. On S3, the names the manifest expects
-        are cut into prefixes of at most one LIST page each (`storage.name_prefixes`) and the pages
-        are asked for at once: 100,000 shards are 100 pages in flight, not 100 one after another.
-        Names with no shared stem, which cut into many more prefixes than pages, get one listing of
-        the folder instead. A name of `only` that no listing covers is looked up alone, or, past a
-        page of such names, answered by one listing of the folder."""
+        Locally, one listing of the folder that holds them. On S3, the one-page prefixes of
+        `_prefix_cut` are listed at once: 100,000 shards are 100 pages in flight, not 100 one after
+        another. A name of `only` that no prefix covers is looked up alone; past a page of those,
+        one listing of the folder answers for them all."""
         manifest = self._manifest if self._manifest is not None else self.read_manifest()
         folder = str(manifest.get("data_dir", "")) if manifest is not None else ""
         head = f"{folder}/" if folder else ""
         where = self._path(folder) if folder else self.root
-        lister = prefix_lister(self.fs)
-        expected = sorted(f"{n}.{manifest['data_extension']}" for n in manifest.get("shards", {})) \
-            if manifest is not None and manifest.get("data_extension") else []
-        wanted = None if only is None else {rel[len(head):] for rel in only
-                                            if rel.startswith(head) and "/" not in rel[len(head):]}
-        alone = set() if only is None else {rel for rel in only
-                                            if not (rel.startswith(head) and rel[len(head):] in (wanted or ()))}
+
+        def in_folder(rel: str) -> bool:
+            return rel.startswith(head) and "/" not in rel[len(head):]
+
+        names = None if only is None else {rel[len(head):] for rel in only if in_folder(rel)}
+        lookups = set() if only is None else {rel for rel in only if not in_folder(rel)}
+        cut, exact = self._prefix_cut(manifest)
+        prefixes, lone = cut, set(exact)
+        if cut and names is not None:  # only the prefixes that cover a name asked for
+            covering = {n: _starts_one(cut, n) for n in names}
+            lone = {n for n, p in covering.items() if p is None}  # `exact` names among them
+            prefixes = sorted({p for p in covering.values() if p is not None})
         sizes: dict[str, int] = {}
 
         def keep(entries: list[dict[str, Any]]) -> None:
-            for e in entries:
-                if e["type"] == "file":
-                    sizes[head + posixpath.basename(e["name"])] = e["size"]
+            sizes.update((head + posixpath.basename(e["name"]), e["size"]) for e in entries if e["type"] == "file")
 
-        from concurrent.futures import ThreadPoolExecutor
-
-        prefixes, exact = name_prefixes(expected, per_prefix=LIST_PAGE) if lister is not None else ([], [])
-        # Names with no shared stem (hashes, say) cut into many small prefixes: past a few requests per
-        # page of names, one listing of the folder costs less.
-        if not prefixes or len(prefixes) > 4 * -(-len(expected) // LIST_PAGE):
-            if only is None or wanted:
+        if not cut or len(lone) > LIST_PAGE:
+            if only is None or names:
                 keep(self._ls(where))
         else:
-            if wanted is not None:
-                alone |= {head + n for n in wanted if _starts_one(prefixes, n) is None}  # `exact` among them
-                prefixes = sorted({p for n in wanted if (p := _starts_one(prefixes, n)) is not None})
-            with ThreadPoolExecutor(max_workers=max(1, min(LIST_CONCURRENCY, len(prefixes)))) as pool:
-                for entries in pool.map(lambda p: _retried(f"listing {self.fs.unstrip_protocol(where)}/{p}*",
-                                                           lambda: lister(where, p)), prefixes):
-                    keep(entries)
-            if only is None:
-                alone |= {head + n for n in exact}
-        alone -= sizes.keys()
-        inside = {rel for rel in alone if rel.startswith(head) and "/" not in rel[len(head):]}
-        if len(inside) > LIST_PAGE:  # many names outside the cut (records of shards the job dropped)
-            keep(self._ls(where))
-            alone -= inside  # the folder's listing answers for each of them
-        if alone:
-            with ThreadPoolExecutor(max_workers=min(LIST_CONCURRENCY, len(alone))) as pool:
-                for rel, size in zip(sorted(alone), pool.map(self._size_of, sorted(alone))):
-                    if size is not None:
-                        sizes[rel] = size
+            lister = prefix_lister(self.fs)
+            assert lister is not None  # a cut is made only where the store lists by prefix
+            if prefixes:
+                with ThreadPoolExecutor(max_workers=min(LIST_CONCURRENCY, len(prefixes))) as pool:
+                    for entries in pool.map(lambda p: _retried(f"listing {self.fs.unstrip_protocol(where)}/{p}*",
+                                                               lambda: lister(where, p)), prefixes):
+                        keep(entries)
+            lookups |= {head + n for n in lone}
+        for rel, size in self._sizes_of(sorted(lookups - sizes.keys())):
+            if size is not None:
+                sizes[rel] = size
         return sizes
+
+    def _prefix_cut(self, manifest: Mapping[str, Any] | None) -> tuple[list[str], list[str]]:
+        """`storage.name_prefixes` of the data files the manifest expects, on a store that lists by
+        prefix; ([], []) where one listing of the folder costs less: a local disk, no manifest, or
+        names with no shared stem (hashes), which cut into more than 4 prefixes per page of names."""
+        if prefix_lister(self.fs) is None or manifest is None or not manifest.get("data_extension"):
+            return [], []
+        expected = [f"{n}.{manifest['data_extension']}" for n in manifest.get("shards", {})]
+        prefixes, exact = name_prefixes(expected, per_prefix=LIST_PAGE)
+        if len(prefixes) > 4 * -(-len(expected) // LIST_PAGE):
+            return [], []
+        return prefixes, exact
+
+    def _sizes_of(self, rels: list[str]) -> list[tuple[str, int | None]]:
+        """(rel, size of the file at rel or None when there is none), each looked up alone, in threads."""
+        if not rels:
+            return []
+        with ThreadPoolExecutor(max_workers=min(LIST_CONCURRENCY, len(rels))) as pool:
+            return list(zip(rels, pool.map(self._size_of, rels)))
 
     def _size_of(self, rel: str) -> int | None:
         """Size of the file at `rel` (relative to the output), None when there is none."""

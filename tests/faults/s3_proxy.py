@@ -16,22 +16,25 @@ headers. A `Transfer-Encoding: chunked` body is forwarded chunk for chunk; an aw
 (botocore's trailing checksums, https only) is framed by Content-Length, so it passes as it is.
 Path-style addressing only (bucket in the path), which botocore uses for an IP endpoint.
 The proxy runs its own event loop in a background thread: `with FaultProxy(upstream) as proxy:`,
-or `start()` / `stop()`, which stops exactly the server, connections and thread it started.
+or `start()` / `stop()`, which stops exactly the server, connections and thread it started;
+`through(proxy, policy)` points this process's s3fs (and the actors a job starts) at it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hashlib
 import logging
+import os
 import re
 import socket
 import struct
 import threading
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Mapping
+from typing import Iterator, Mapping
 from urllib.parse import parse_qs, unquote, urlsplit
 
 log = logging.getLogger(__name__)
@@ -556,4 +559,23 @@ class FaultProxy:
         return _Response(status_line, headers, body, eof_framed=False)
 
 
-__all__ = ["FaultProxy", "FaultPolicy", "Rule", "Event", "classify", "FAULTS", "KINDS"]
+@contextlib.contextmanager
+def through(proxy: FaultProxy, policy: FaultPolicy) -> Iterator[FaultProxy]:
+    """AWS_ENDPOINT_URL at the proxy (this process, and the actors a job starts now), under `policy`;
+    put back, with the default policy, on the way out."""
+    import s3fs
+
+    saved = os.environ["AWS_ENDPOINT_URL"]
+    proxy.set_policy(policy)
+    proxy.reset_counts()
+    os.environ["AWS_ENDPOINT_URL"] = proxy.endpoint
+    s3fs.S3FileSystem.clear_instance_cache()  # cached filesystems keep the endpoint they were made with
+    try:
+        yield proxy
+    finally:
+        os.environ["AWS_ENDPOINT_URL"] = saved
+        s3fs.S3FileSystem.clear_instance_cache()
+        proxy.set_policy(FaultPolicy())
+
+
+__all__ = ["FaultProxy", "FaultPolicy", "Rule", "Event", "classify", "through", "FAULTS", "KINDS"]
