@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 from . import __version__
 from .config import RunConfig, apply_overrides, from_dict, load_yaml, parse_sets
+from .jobs import KIND_NAMES
 
 # Flags every job kind has -> config key; a flag left unset keeps the YAML's (or the default) value.
 _RUN_FLAGS = {"input": "input", "output": "output", "actors": "actors", "overwrite": "overwrite",
@@ -266,7 +267,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _bare_kinds(argv: Sequence[str]) -> bool:
+    """Whether parsing `argv` can do with the job kinds' bare names: a command other than a kind,
+    or `--version`. Top-level help (and no command at all) lists the kinds with their help."""
+    for word in argv:
+        if word in ("-h", "--help"):
+            return False
+        if word == "--version":
+            return True
+        if not word.startswith("-"):  # the top level's options take no value: this is the command
+            return word not in KIND_NAMES
+    return False
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The whole parser; given the `argv` it will parse, a command other than a job kind gets the
+    kinds as bare names, so that `status`, `verify`, `configs` and their `--help` do not import
+    torch and the VAE (2-3 s of a command that otherwise takes half a second)."""
     from .jobs import kinds
 
     parser = argparse.ArgumentParser(
@@ -279,7 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    for kind in kinds():
+    bare = argv is not None and _bare_kinds(argv)
+    for name in KIND_NAMES if bare else ():
+        sub.add_parser(name)
+    for kind in () if bare else kinds():
         p = sub.add_parser(kind.name, help=kind.help, epilog=_examples(kind.name).lstrip("\n"),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         kind.add_arguments(p)
@@ -359,6 +379,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The errors a command turns into one line, as (module, class): a usage error exits 2, a failed job 1.
+_USAGE_ERRORS = (("pipeline.config", "ConfigError"), ("pipeline.core.preflight", "PreflightError"),
+                 ("pipeline.core.kind", "PlanError"), ("pipeline.io.shards", "ShardListingError"),
+                 ("pipeline.io.shards", "DuplicateShardNameError"), ("vae.weights", "WeightsError"),
+                 ("pipeline.core.ledger", "IncompatibleOutputError"), ("pipeline.cluster", "ClusterError"))
+_FAILED_ERRORS = (("pipeline.core.runner", "JobError"), ("pipeline.core.ledger", "LedgerError"),
+                  ("pipeline.io.tar_reader", "ShardReadError"), ("pipeline.core.lock", "LockError"))
+
+
+def _loaded(errors: Sequence[tuple[str, str]]) -> tuple[type[BaseException], ...]:
+    """The classes of `errors` whose module is imported. A module that was never imported raised
+    nothing, and importing it to find out would cost `status` the 2-3 s of torch."""
+    return tuple(getattr(sys.modules[module], name) for module, name in errors if module in sys.modules)
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, handled as Ctrl-C is: the same clean stop (exit status 143)."""
 
@@ -374,7 +409,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import signal
     import threading
 
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -383,31 +419,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if not sys.stderr.isatty():
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # no colour codes in a log file
-    from vae import WeightsError
-
-    from .config import ConfigError
-    from .core.kind import PlanError
-    from .core.runner import JobError
-    from .core.ledger import IncompatibleOutputError, LedgerError
-    from .core.lock import LockError
-    from .core.preflight import PreflightError
-    from .io.tar_reader import ShardReadError
-    from .io.shards import DuplicateShardNameError, ShardListingError
-    from .cluster import ClusterError
-
-    usage = (ConfigError, PreflightError, PlanError, ShardListingError, DuplicateShardNameError, WeightsError,
-             IncompatibleOutputError, ClusterError)
-    failed = (JobError, LedgerError, ShardReadError, LockError)
     if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.func(args)
-    except (*usage, *failed) as e:
+    except (*_loaded(_USAGE_ERRORS), *_loaded(_FAILED_ERRORS)) as e:  # evaluated once an error is here
         # Errors about the user's inputs: the message names the thing; a traceback adds nothing.
         if args.debug:
             raise
         print(f"latentcache: error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, usage) else 1
+        return 2 if isinstance(e, _loaded(_USAGE_ERRORS)) else 1
     except Exception as e:  # noqa: BLE001 - only credential errors are turned into a line; the rest re-raise
         if args.debug or type(e).__name__ not in ("NoCredentialsError", "PartialCredentialsError"):
             raise

@@ -23,6 +23,38 @@ def test_version_and_help(capsys):
         assert command in out
 
 
+def test_the_errors_turned_into_one_line_name_real_exception_classes():
+    import importlib
+
+    from pipeline.cli import _FAILED_ERRORS, _USAGE_ERRORS, _loaded
+
+    for module, _ in (*_USAGE_ERRORS, *_FAILED_ERRORS):
+        importlib.import_module(module)
+    usage, failed = _loaded(_USAGE_ERRORS), _loaded(_FAILED_ERRORS)
+    assert len(usage) == len(_USAGE_ERRORS) == 8 and len(failed) == len(_FAILED_ERRORS) == 4
+    assert all(issubclass(cls, Exception) for cls in (*usage, *failed))
+    assert {cls.__name__ for cls in usage} >= {"ConfigError", "WeightsError", "ClusterError"}
+    assert not set(usage) & set(failed)
+
+
+def test_commands_other_than_a_job_kind_parse_without_the_kinds():
+    from pipeline.cli import _bare_kinds, build_parser
+    from pipeline.jobs import KIND_NAMES, kinds
+
+    assert KIND_NAMES == tuple(kind.name for kind in kinds())
+    for argv in (["status", "out/"], ["-v", "configs"], ["verify", "--help"], ["--version"], ["submit", "-h"]):
+        assert _bare_kinds(argv), argv
+    for argv in ([], ["--help"], ["-h", "status"], ["encode", "--help"], ["--debug", "audit", "--input", "x"]):
+        assert not _bare_kinds(argv), argv
+    bare = build_parser(["status", "out/"])
+    assert bare.parse_args(["status", "out/", "--json"]).json is True
+    # The kinds are there by name only; the whole parser gives them their flags.
+    with pytest.raises(SystemExit):
+        bare.parse_args(["encode", "--input", "x.tar"])
+    full = build_parser(["encode", "--input", "x.tar"])
+    assert full.parse_args(["encode", "--input", "x.tar"]).input == ["x.tar"]
+
+
 def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "--version"], capture_output=True, text=True,
                          check=True).stdout

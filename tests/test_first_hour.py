@@ -244,8 +244,11 @@ def test_status_of_a_failed_job_says_why_and_counts_errors_by_reason(ray_cluster
     assert status["state"] == "failed" and "above max_error_rate=10.0%" in status["failure"]
     assert sum(status["errors_by_reason"].values()) == status["samples"]["errored"] >= 2
     assert all(reason.startswith("decode") for reason in status["errors_by_reason"]), status["errors_by_reason"]
-    cli = _cli("status", str(out))
+    cli = _cli("status", str(out), env={**_user_env(), "PYTHONPROFILEIMPORTTIME": "1"})
     assert cli.returncode == 1 and "FAILED: stopping the job:" in cli.stdout
+    # Reading a folder needs neither torch nor Ray (2-3 s of a command that takes half a second).
+    assert re.search(r"\| +pyarrow$", cli.stderr, re.M), "no import log"
+    assert not re.search(r"\| +(torch|ray|vae)$", cli.stderr, re.M), "status imported torch, Ray or the VAE"
 
 
 def test_help_shows_defaults_and_examples_and_configs_ship():
@@ -257,8 +260,9 @@ def test_help_shows_defaults_and_examples_and_configs_ship():
     for command in ("decode", "audit", "run", "submit", "status", "verify"):
         out = _cli(command, "--help").stdout
         assert "examples:" in out and out.count(f"latentcache {command}") >= 2, command
-    listed = _cli("configs")
+    listed = _cli("configs", env={**_user_env(), "PYTHONPROFILEIMPORTTIME": "1"})
     assert listed.returncode == 0 and "sd15-512" in listed.stdout and "demo-tiny" in listed.stdout
+    assert re.search(r"\| +yaml$", listed.stderr, re.M) and not re.search(r"\| +torch$", listed.stderr, re.M)
     from pipeline.config import load_yaml, shipped_configs
 
     assert load_yaml("demo-tiny")["vae"]["source"] == "random:tiny"

@@ -8,6 +8,11 @@ from pipeline.config import RunConfig
 from pipeline.core.kind import JobKind
 
 
+# The kinds' names, known without importing them (the jobs import torch and the VAE): a command
+# other than a job kind parses without them. `_registry` holds the same names, in this order.
+KIND_NAMES = ("encode", "decode", "audit")
+
+
 def _registry() -> dict[str, type[JobKind]]:
     # Imported on first use: the jobs import torch and the VAE.
     from pipeline.jobs.audit import AuditJob
@@ -43,4 +48,4 @@ def run(cfg: RunConfig, *, ray_address: str | None = None, progress: bool = True
                     f"{[c.config_type.__name__ for c in _registry().values()]}")
 
 
-__all__ = ["get_kind", "kinds", "run"]
+__all__ = ["KIND_NAMES", "get_kind", "kinds", "run"]
