@@ -1,6 +1,6 @@
 """The GPU path in one short run, for the few minutes a GPU machine is lent (issue 11, section 4).
 
-Four tables, each printed as it completes and written with the rest to one JSON record (in the
+Five tables, each printed as it completes and written with the rest to one JSON record (in the
 order below but with the job before the codec, whose compiles are the long part):
 
   flops      FLOPs per image of each preset at each size, counted on the meta device (no GPU needed:
@@ -19,6 +19,12 @@ order below but with the job before the codec, whose compiles are the long part)
              actor runs them; no Ray, whose wheel is too large to travel to a GPU machine) on shards
              of real photos, against the same codec alone on ready-made batches of the same size:
              job images/s over model images/s (goal >= 0.9 at 512).
+  jpeg       the GPU JPEG decoding lever (nvJPEG through torchvision's batched `decode_jpeg`, with the
+             resize and crop on the device too) against the job's CPU path (`prepare`: Pillow decode
+             with draft, Lanczos cover-resize, crop) on one core, on the same photos: images/s, the
+             device's milliseconds per image, the cores per GPU each needs at the model's rate, and
+             the PSNR between the two crops (they differ in filter, so latents would too). A
+             machine where torchvision does not import says so in the row.
 
     python bench/bench_gpu.py --out "$OUT"           # on the GPU machine: bench/gpu_check.sh runs it
     python bench/bench_gpu.py --smoke --out /tmp/g   # the same code on a CPU at toy sizes (it is tested)
@@ -246,19 +252,71 @@ def job_vs_model(args: argparse.Namespace) -> dict[str, Any]:
     return row
 
 
+def jpeg_decode(args: argparse.Namespace) -> dict[str, Any]:
+    """The job's CPU decode of JPEGs (one core) against torchvision's nvJPEG decode on the device."""
+    import numpy as np
+    import torch.nn.functional as F
+    from bench_pipeline import photo_jpegs
+
+    from pipeline.config import PreprocessConfig
+    from pipeline.transforms import prepare
+
+    size = args.job_size
+    photos = photo_jpegs(args.photo_side)
+    jpegs = (photos * -(-args.jpeg_images // len(photos)))[:args.jpeg_images]
+    cfg = PreprocessConfig(resolution=size)
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    cpu = [prepare({"__key__": str(i), "jpg": data}, cfg).pixels for i, data in enumerate(jpegs)]
+    row: dict[str, Any] = {"images": len(jpegs), "photo_side": args.photo_side, "size": size,
+                           "cpu_img_s_per_core": len(jpegs) / (time.process_time() - cpu0),
+                           "cpu_img_s_wall_one_thread": len(jpegs) / (time.perf_counter() - t0)}
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except (ImportError, OSError, RuntimeError) as e:  # a torchvision built for another torch fails to load
+        row["device"] = f"skipped: torchvision does not import here ({type(e).__name__}: {e})"
+        print(f"\njpeg: CPU {row['cpu_img_s_per_core']:.1f} img/s per core; {row['device']}", flush=True)
+        return row
+    encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in jpegs]
+
+    def on_device(chunk: list[torch.Tensor]) -> torch.Tensor:
+        crops = []
+        for img in decode_jpeg(chunk, mode=ImageReadMode.RGB, device=args.device):
+            h, w = img.shape[-2:]
+            scale = size / min(h, w)
+            rh, rw = max(size, round(h * scale)), max(size, round(w * scale))
+            resized = F.interpolate(img[None].float(), size=(rh, rw), mode="bicubic", antialias=True)
+            top, left = (rh - size) // 2, (rw - size) // 2
+            crops.append(resized[..., top:top + size, left:left + size])
+        return torch.cat(crops).clamp_(0, 255).round_().to(torch.uint8)
+
+    batches = [encoded[i:i + args.job_batch] for i in range(0, len(encoded), args.job_batch)]
+    device = torch.cat([on_device(b) for b in batches])  # warm-up, and the crops compared below
+    per_pass = _per_call_s(lambda: [on_device(b) for b in batches], args.device, iters=1, repeats=args.repeats)
+    diffs = [float(np.mean((c.astype(np.float64) - d.permute(1, 2, 0).cpu().numpy()) ** 2))
+             for c, d in zip(cpu, device)]
+    row.update(device_img_s=len(jpegs) / per_pass, device_ms_per_img=1000 * per_pass / len(jpegs),
+               psnr_vs_cpu_db=float(np.median([10 * np.log10(255 ** 2 / max(d, 1e-12)) for d in diffs])))
+    print(f"\njpeg: {len(jpegs)} photos of {args.photo_side} px to {size} px: CPU {row['cpu_img_s_per_core']:.1f} "
+          f"img/s per core; {args.device} decode_jpeg + resize {row['device_img_s']:.1f} img/s "
+          f"({row['device_ms_per_img']:.2f} ms per image); PSNR device vs CPU crop {row['psnr_vs_cpu_db']:.1f} dB",
+          flush=True)
+    return row
+
+
 # --- main ----------------------------------------------------------------------------------------
 
 SMOKE = {"presets": "tiny", "sizes": "64", "dtypes": "float32,bfloat16", "ref_dtype": "float32", "pixels": 2 * 64 * 64,
          "compile_for": "", "conv_preset": "tiny", "conv_size": 64, "conv_batch": 1, "conv_dtype": "float32",
          "matmul_n": 256, "job_preset": "tiny", "job_size": 64, "job_dtype": "float32", "job_batch": 4,
-         "job_shards": 2, "job_per_shard": 6, "photo_side": 128, "decode_threads": 2, "iters": 1, "repeats": 2}
+         "job_shards": 2, "job_per_shard": 6, "photo_side": 128, "decode_threads": 2, "jpeg_images": 8, "iters": 1,
+         "repeats": 2}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--only", nargs="+", choices=["flops", "conv", "codec", "job"],
-                    default=["flops", "conv", "codec", "job"])
+    ap.add_argument("--only", nargs="+", choices=["flops", "conv", "codec", "job", "jpeg"],
+                    default=["flops", "conv", "codec", "job", "jpeg"])
     ap.add_argument("--presets", default="sd15,sdxl")
     ap.add_argument("--sizes", default="512,1024")
     ap.add_argument("--directions", default="encode,decode")
@@ -280,6 +338,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--job-per-shard", type=int, default=128)
     ap.add_argument("--photo-side", type=int, default=1024, help="long side of the JPEGs in the job's shards")
     ap.add_argument("--decode-threads", type=int, default=12)
+    ap.add_argument("--jpeg-images", type=int, default=256, help="photos the jpeg table decodes each way")
     ap.add_argument("--iters", type=int, default=5, help="calls per timing")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--smoke", action="store_true", help="toy sizes on any device: checks the script, measures nothing")
@@ -299,7 +358,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"gpu-{time.strftime('%Y%m%d-%H%M%S')}{'-smoke' if args.smoke else ''}.json"
     record: dict[str, Any] = {"bench": "gpu", "args": vars(args), "device_name": device_name,
-                              "torch": torch.__version__, "flops": None, "conv": None, "codec": [], "job": None}
+                              "torch": torch.__version__, "flops": None, "conv": None, "codec": [], "job": None,
+                              "jpeg": None}
 
     def save() -> None:  # after every row: a run cut short by its time limit still leaves its figures
         path.write_text(json.dumps(record, indent=2))
@@ -315,6 +375,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         save()
     if "job" in args.only:
         record["job"] = job_vs_model(args)
+        save()
+    if "jpeg" in args.only:
+        jpeg = record["jpeg"] = jpeg_decode(args)
+        if record["job"] and "device_img_s" in jpeg:  # cores per GPU to feed the model, each way
+            model = record["job"]["model_img_s"]
+            jpeg["cpu_cores_per_gpu"] = model / jpeg["cpu_img_s_per_core"]
+            jpeg["device_share_of_model_time"] = model / jpeg["device_img_s"]
+            print(f"jpeg: at the model's {model:.0f} img/s, CPU decoding needs {jpeg['cpu_cores_per_gpu']:.1f} "
+                  f"cores; decoding on the device takes {100 * jpeg['device_share_of_model_time']:.0f} % of its "
+                  "time on top of the model's", flush=True)
         save()
     if "codec" in args.only:
         conv_tflops = record["conv"]["conv_tflops"] if record["conv"] else None

@@ -54,8 +54,8 @@ from pipeline.samples import SampleError  # noqa: E402
 from pipeline.transforms import prepare, to_model_input  # noqa: E402
 
 
-def make_shards(folder: Path, n_shards: int, per_shard: int, side: int) -> None:
-    """Shards of real photos resized to about `side` px on the long side, as JPEG (quality 90)."""
+def photo_jpegs(side: int) -> list[bytes]:
+    """The bundled real photos resized to about `side` px on the long side, as JPEG (quality 90)."""
     photos = []
     for _, path in sorted(bundled_photos().items()):
         img = Image.open(path).convert("RGB")
@@ -64,6 +64,12 @@ def make_shards(folder: Path, n_shards: int, per_shard: int, side: int) -> None:
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=90)
         photos.append(buf.getvalue())
+    return photos
+
+
+def make_shards(folder: Path, n_shards: int, per_shard: int, side: int) -> None:
+    """Shards of `photo_jpegs(side)`, `per_shard` each, cycled."""
+    photos = photo_jpegs(side)
     folder.mkdir(parents=True, exist_ok=True)
     for s in range(n_shards):
         write_tar(folder / f"bench-{s:05d}.tar",

@@ -2,7 +2,7 @@
 # Everything a session lent a GPU machine runs there, in one call of a few minutes:
 #   here, once:   bash bench/gpu_wheels.sh
 #   there:        device run: command "bash bench/gpu_check.sh", carry [".whl"], timeout_s 600
-# The GPU tests, then bench/bench_gpu.py's three tables; logs and the JSON record land in $OUT
+# The GPU tests, then bench/bench_gpu.py's five tables; logs and the JSON record land in $OUT
 # (bench/results elsewhere), written as they come, so a run cut short still returns its figures.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2

@@ -40,3 +40,12 @@ def test_the_gpu_benchmark_runs_without_ray_and_accounts_for_every_photo(tmp_pat
     assert job["images_read"] == job["images_written"] == 2 * 6, "every photo of the timed shards is written"
     assert job["shards"] == 2 and job["job_img_s"] > 0 and job["model_img_s"] > 0
     assert "job vs model" in done.stdout and "| tiny | 64 |" in done.stdout
+
+    jpeg = record["jpeg"]
+    assert jpeg["images"] == 8 and jpeg["cpu_img_s_per_core"] > 0
+    if "device_img_s" in jpeg:  # torchvision imports (it does on the GPU machine; not in CI)
+        # The device's crop is the CPU's up to the resize filter: same geometry, same photo.
+        assert jpeg["device_img_s"] > 0 and jpeg["psnr_vs_cpu_db"] > 30, jpeg
+        assert jpeg["cpu_cores_per_gpu"] == job["model_img_s"] / jpeg["cpu_img_s_per_core"]
+    else:
+        assert jpeg["device"].startswith("skipped: torchvision does not import here"), jpeg
