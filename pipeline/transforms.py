@@ -300,11 +300,32 @@ def hflip(pixels: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.flip(pixels, axis=pixels.ndim - 2))
 
 
+@functools.lru_cache(maxsize=None)
+def copy_stream(device: torch.device) -> torch.cuda.Stream:
+    """The CUDA stream that uploads batches to `device` (an indexed CUDA device), one per device."""
+    return torch.cuda.Stream(device=device)
+
+
+def _upload(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host uint8 batch on `device`, copied from pinned memory on `copy_stream`, not the stream
+    the model runs on: an actor runs two shards at once, and one's upload then proceeds beside the
+    other's model kernels instead of queueing behind them. The current stream waits for the copy."""
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    compute, copier = torch.cuda.current_stream(device), copy_stream(device)
+    with torch.cuda.stream(copier):
+        out = batch.pin_memory().to(device, non_blocking=True)
+    compute.wait_stream(copier)
+    out.record_stream(compute)  # freed while the model may still read it: the allocator waits for it
+    return out
+
+
 def to_model_input(pixels: Sequence[np.ndarray], device: torch.device | str | None = None) -> torch.Tensor:
     """uint8 (H, W, 3) images of one size -> float32 (N, 3, H, W) in [-1, 1], on `device`.
 
     On a CUDA device the batch crosses as uint8 from pinned host memory (a quarter of the bytes of
-    float32, copied without a staging buffer) and is normalised there: the host never holds float32."""
+    float32, copied without a staging buffer, on a stream of its own: `_upload`) and is normalised
+    there: the host never holds float32."""
     if len(pixels) == 0:
         raise ValueError("to_model_input: empty batch; expected at least one image")
     first = pixels[0]
@@ -315,5 +336,5 @@ def to_model_input(pixels: Sequence[np.ndarray], device: torch.device | str | No
     batch = torch.from_numpy(np.stack(pixels))
     device = torch.device(device) if device is not None else batch.device
     if device.type == "cuda":
-        batch = batch.pin_memory().to(device, non_blocking=True)
+        batch = _upload(batch, device)
     return batch.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1.0)

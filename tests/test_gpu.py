@@ -42,3 +42,28 @@ def test_images_cross_to_the_gpu_as_uint8_and_are_normalised_there():
     on_gpu = to_model_input(pixels, "cuda")
     assert on_gpu.device.type == "cuda" and on_gpu.dtype == torch.float32 and on_gpu.shape == (3, 3, 64, 48)
     assert torch.equal(on_gpu.cpu(), to_model_input(pixels))
+
+
+def test_an_upload_proceeds_while_the_model_stream_is_busy():
+    """One shard's batch crosses on the copy stream while the other shard's model holds the current
+    stream: here a kernel that spins for about a second stands in for the model."""
+    import time
+
+    import numpy as np
+
+    from pipeline.transforms import copy_stream, to_model_input
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    pixels = [np.full((512, 512, 3), i, dtype=np.uint8) for i in range(16)]
+    to_model_input(pixels, device)  # warm-up: the streams, the pinned pool
+    torch.cuda.synchronize()
+    busy = torch.cuda.current_stream(device)
+    torch.cuda._sleep(int(2e9))  # about a second of the SMs' clock, on the current stream
+    x = to_model_input(pixels, device)
+    t0 = time.perf_counter()
+    copy_stream(device).synchronize()
+    uploaded_s = time.perf_counter() - t0
+    assert uploaded_s < 0.2, f"the upload waited {uploaded_s:.2f} s for the model's stream"
+    assert not busy.query(), "the stand-in model ended before the upload was checked: make it spin longer"
+    # The normalisation runs on the current stream, after the copy: the values are the host's.
+    assert torch.equal(x.cpu(), to_model_input(pixels))
