@@ -1,7 +1,7 @@
 """The GPU path in one short run, for the few minutes a GPU machine is lent (issue 11, section 4).
 
 Five tables, each printed as it completes and written with the rest to one JSON record (in the
-order below but with the job before the codec, whose compiles are the long part):
+order below but with the job and jpeg tables before the codec, whose compiles are the long part):
 
   flops      FLOPs per image of each preset at each size, counted on the meta device (no GPU needed:
              `--only flops` prints the table anywhere)

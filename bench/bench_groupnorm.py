@@ -12,8 +12,10 @@ fusion could reach, all in this one thread of torch's:
               by inductor (the fused kernel a user can get without writing C++)
   gn floor    1.5 copies of each tensor: one read for the statistics, one read and one write to
               apply them. No GroupNorm kernel moves less memory than that.
-  fused, at best   ours less the in-place pass's memory traffic (gn+relu - gn-only): what a kernel
-              that fuses the SiLU into GroupNorm's write could reach, keeping SiLU's arithmetic
+  fused, at best   max(gn floor, ours - gn-only): a kernel that fuses the SiLU into GroupNorm's
+              write still moves GroupNorm's memory and still does SiLU's arithmetic. The SiLU pass
+              (ours - gn-only) is compute-bound where it costs several times the ReLU pass on the
+              same memory, so its time is that arithmetic's, with its traffic hidden under it
 
 Each figure is the sum over the encoder's calls, in ms per image; medians of --repeats passes, the
 variants alternating within each pass. The last column is what each would save against "ours";
@@ -122,7 +124,7 @@ def main() -> None:
                     times[name].append((time.perf_counter() - t0) * 1e3)
     ms = {name: statistics.median(v) for name, v in times.items()}
     ms["gn floor"] = 1.5 * ms.pop("copy")
-    ms["fused, at best"] = ms["ours"] - (ms["gn+relu"] - ms["gn-only"])
+    ms["fused, at best"] = max(ms["gn floor"], ms["ours"] - ms["gn-only"])
     rows = [{"variant": name, "ms_per_image": round(ms[name], 2), "saves_ms": round(ms["ours"] - ms[name], 2),
              "max_rel_err": errors.get(name)}
             for name in ("ours", "gn-only", "gn+relu", "compiled", "gn floor", "fused, at best")]

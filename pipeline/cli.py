@@ -267,16 +267,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+_TOP_LEVEL_FLAGS = ("-v", "--verbose", "--debug")  # the top level's options that take no value
+
+
 def _bare_kinds(argv: Sequence[str]) -> bool:
     """Whether parsing `argv` can do with the job kinds' bare names: a command other than a kind,
-    or `--version`. Top-level help (and no command at all) lists the kinds with their help."""
+    or `--version`. Top-level help (and no command at all) lists the kinds with their help, and so
+    does any other option before the command (`-vh`, `--he`: argparse reads those as help)."""
     for word in argv:
-        if word in ("-h", "--help"):
-            return False
         if word == "--version":
             return True
-        if not word.startswith("-"):  # the top level's options take no value: this is the command
-            return word not in KIND_NAMES
+        if word in _TOP_LEVEL_FLAGS:
+            continue
+        return not word.startswith("-") and word not in KIND_NAMES
     return False
 
 

@@ -44,8 +44,13 @@ def test_commands_other_than_a_job_kind_parse_without_the_kinds():
     assert KIND_NAMES == tuple(kind.name for kind in kinds())
     for argv in (["status", "out/"], ["-v", "configs"], ["verify", "--help"], ["--version"], ["submit", "-h"]):
         assert _bare_kinds(argv), argv
-    for argv in ([], ["--help"], ["-h", "status"], ["encode", "--help"], ["--debug", "audit", "--input", "x"]):
+    for argv in ([], ["--help"], ["-h", "status"], ["-vh", "status"], ["--he", "configs"], ["encode", "--help"],
+                 ["--debug", "audit", "--input", "x"]):
         assert not _bare_kinds(argv), argv
+    # Help however it is asked for lists every command with its help, as the whole parser does.
+    whole = build_parser().format_help()
+    for argv in (["-vh", "status"], ["--he", "configs"], ["-v", "--help"]):
+        assert build_parser(argv).format_help() == whole, argv
     bare = build_parser(["status", "out/"])
     assert bare.parse_args(["status", "out/", "--json"]).json is True
     # The kinds are there by name only; the whole parser gives them their flags.

@@ -51,19 +51,26 @@ def test_an_upload_proceeds_while_the_model_stream_is_busy():
 
     import numpy as np
 
-    from pipeline.transforms import copy_stream, to_model_input
+    from pipeline.transforms import _upload, copy_stream, to_model_input
 
     device = torch.device("cuda", torch.cuda.current_device())
     pixels = [np.full((512, 512, 3), i, dtype=np.uint8) for i in range(16)]
-    to_model_input(pixels, device)  # warm-up: the streams, the pinned pool
+    host = torch.from_numpy(np.stack(pixels))
+    _upload(host, device)  # warm-up: the streams, the pinned pool
     torch.cuda.synchronize()
     busy = torch.cuda.current_stream(device)
     torch.cuda._sleep(int(2e9))  # about a second of the SMs' clock, on the current stream
-    x = to_model_input(pixels, device)
+    uploaded = _upload(host, device)
+    # Read it back on a third stream that waits for the copy stream only: had the copy been queued
+    # on the busy stream, this read would wait a second for it, or return what is not the batch.
+    reader = torch.cuda.Stream(device=device)
+    reader.wait_stream(copy_stream(device))
     t0 = time.perf_counter()
-    copy_stream(device).synchronize()
+    with torch.cuda.stream(reader):
+        back = uploaded.cpu()
     uploaded_s = time.perf_counter() - t0
+    assert torch.equal(back, host), "the copy was not done when the copy stream said so"
     assert uploaded_s < 0.2, f"the upload waited {uploaded_s:.2f} s for the model's stream"
     assert not busy.query(), "the stand-in model ended before the upload was checked: make it spin longer"
     # The normalisation runs on the current stream, after the copy: the values are the host's.
-    assert torch.equal(x.cpu(), to_model_input(pixels))
+    assert torch.equal(to_model_input(pixels, device).cpu(), to_model_input(pixels))
