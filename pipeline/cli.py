@@ -267,7 +267,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-_TOP_LEVEL_FLAGS = ("-v", "--verbose", "--debug")  # the top level's options that take no value
+# The top level's switches (options that take no value), for the parser and for `_bare_kinds`.
+_TOP_LEVEL_SWITCHES = {("-v", "--verbose"): "debug logging", ("--debug",): "show the traceback of an error"}
 
 
 def _bare_kinds(argv: Sequence[str]) -> bool:
@@ -277,7 +278,7 @@ def _bare_kinds(argv: Sequence[str]) -> bool:
     for word in argv:
         if word == "--version":
             return True
-        if word in _TOP_LEVEL_FLAGS:
+        if any(word in flags for flags in _TOP_LEVEL_SWITCHES):
             continue
         return not word.startswith("-") and word not in KIND_NAMES
     return False
@@ -295,8 +296,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
                     "them back.",
     )
     parser.add_argument("--version", action="version", version=f"latentcache {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    for flags, text in _TOP_LEVEL_SWITCHES.items():
+        parser.add_argument(*flags, action="store_true", help=text)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     bare = argv is not None and _bare_kinds(argv)

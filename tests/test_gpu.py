@@ -56,7 +56,9 @@ def test_an_upload_proceeds_while_the_model_stream_is_busy():
     device = torch.device("cuda", torch.cuda.current_device())
     pixels = [np.full((512, 512, 3), i, dtype=np.uint8) for i in range(16)]
     host = torch.from_numpy(np.stack(pixels))
-    _upload(host, device)  # warm-up: the streams, the pinned pool
+    # Warm-up (the streams, the pinned pool) with other values: the batch's device block is then
+    # likely this one reused, so a read that overtakes the copy sees these, not the batch.
+    _upload(255 - host, device)
     torch.cuda.synchronize()
     busy = torch.cuda.current_stream(device)
     torch.cuda._sleep(int(2e9))  # about a second of the SMs' clock, on the current stream
